@@ -1,0 +1,126 @@
+"""The `llmscale` command: one entry point, subcommands.
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
+``main(args) -> int | None``. Only the module of the command being run is imported, so
+``llmscale --help`` is instant and a broken optional dependency only affects its command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command path -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("tokenizer", "train"): ("llmscale.data.tokenizer", "Train a lossless SentencePiece tokenizer on local text."),
+    ("prepare",): ("llmscale.data.prepare", "Tokenize local txt/jsonl/parquet/csv into sharded Arrow datasets."),
+    ("data", "inspect"): ("llmscale.data.inspect", "Counts, shards and a decoded sample of a dataset."),
+    ("data", "order"): ("llmscale.data.order", "Which sample ids every rank reads at every step (JSON)."),
+    ("data", "verify"): ("llmscale.data.verify", "Check a dataset's shards against its manifest checksums."),
+    ("train",): ("llmscale.jobs.pretrain", "Pretrain a GPT or BERT model from a YAML config on DeepSpeed."),
+    ("generate",): ("llmscale.jobs.generate", "Generate text from a checkpoint or an exported model."),
+    ("export",): ("llmscale.jobs.export", "Write a checkpoint as a Hugging Face transformers folder."),
+    ("import",): ("llmscale.jobs.hf_import", "Import a Hugging Face folder as an llmscale model."),
+    ("ckpt", "list"): ("llmscale.jobs.ckpt_list", "List the checkpoints of a run directory."),
+    ("ckpt", "verify"): ("llmscale.jobs.ckpt_verify", "Verify a checkpoint's files against its manifest."),
+    ("ckpt", "convert"): ("llmscale.jobs.ckpt_convert", "Convert a checkpoint to the universal (layout-free) format."),
+    ("plot",): ("llmscale.jobs.plot", "Draw a run's loss curves to a PNG."),
+    ("quickstart",): ("llmscale.jobs.quickstart", "Prepare the bundled corpus, pretrain a tiny GPT on 2 CPU processes, sample."),
+    ("bench", "data"): ("llmscale.bench.data", "Benchmark prepare and the loader against raw limits (JSON)."),
+    ("bench", "model"): ("llmscale.bench.model", "Benchmark model forward+backward throughput (JSON)."),
+    ("bench", "train"): ("llmscale.bench.train", "Benchmark training steps on DeepSpeed against plain PyTorch (JSON)."),
+    ("bench", "ckpt"): ("llmscale.bench.ckpt", "Benchmark checkpoint save/load against raw disk speed (JSON)."),
+    ("config", "show"): ("llmscale.config_cli", "Print a resolved config, or every config key with its doc."),
+    ("config", "presets"): ("llmscale.config_cli", "List the model presets."),
+}
+
+
+def _groups() -> dict[str, list[tuple[str, ...]]]:
+    groups: dict[str, list[tuple[str, ...]]] = {}
+    for path in COMMANDS:
+        groups.setdefault(path[0], []).append(path)
+    return groups
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = []
+    for path, (_, help_) in COMMANDS.items():
+        lines.append(f"  {' '.join(path):<18} {help_}")
+    p = argparse.ArgumentParser(
+        prog="llmscale",
+        description="Distributed pretraining of GPT and BERT models: data -> tokenizer -> Arrow shards -> DeepSpeed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `llmscale COMMAND --help` for a command's options.",
+    )
+    from llmscale import __version__
+
+    p.add_argument("--version", action="version", version=f"llmscale {__version__}")
+    p.add_argument("command", nargs="?", help=argparse.SUPPRESS)
+    return p
+
+
+def _resolve(argv: list[str]) -> tuple[Optional[tuple[str, ...]], list[str]]:
+    groups = _groups()
+    if not argv or argv[0] not in groups:
+        return None, argv
+    paths = groups[argv[0]]
+    if (argv[0],) in COMMANDS:
+        return (argv[0],), argv[1:]
+    if len(argv) > 1 and (argv[0], argv[1]) in COMMANDS:
+        return (argv[0], argv[1]), argv[2:]
+    subs = ", ".join(p[1] for p in paths)
+    where = f"'{argv[1]}'" if len(argv) > 1 else "nothing"
+    raise SystemExit(f"llmscale {argv[0]}: got {where}; choose one of: {subs} (e.g. `llmscale {' '.join(paths[0])} --help`).")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, rest = _resolve(argv)
+    if path is None:
+        top = _top_parser()
+        if argv and not argv[0].startswith("-"):
+            top.print_usage(sys.stderr)
+            print(f"llmscale: unknown command {argv[0]!r}. Run `llmscale --help` for the list.", file=sys.stderr)
+            return 2
+        top.parse_args(argv)
+        top.print_help()
+        return 0
+    module_name, help_ = COMMANDS[path]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog="llmscale " + " ".join(path), description=help_)
+    add = getattr(module, "add_arguments")
+    run = getattr(module, "main")
+    if module_name == "llmscale.config_cli":
+        add(parser, path[-1])
+    else:
+        add(parser)
+    args = parser.parse_args(rest)
+    args.command_path = path
+
+    from llmscale.config import ConfigError
+    from llmscale.log import setup_logging
+
+    setup_logging(all_ranks=bool(getattr(args, "log_all_ranks", False)))
+    try:
+        rc = run(args)
+    except ConfigError as e:
+        print(f"llmscale {' '.join(path)}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors carry their fix in the message
+        if type(e).__name__ in _USER_ERRORS:
+            print(f"llmscale {' '.join(path)}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return int(rc or 0)
+
+
+# Exception classes whose message is meant for the user (no traceback).
+_USER_ERRORS = {"DatasetError", "TokenizerError", "PrepareError", "CheckpointError", "LayoutError", "ExportError"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Who am I in the job: world/rank discovery from torchrun, accelerate or SLURM, passed explicitly.
+
+There is no module-level process-group state: code receives a :class:`World` and, for
+collectives, the default process group that :func:`init_distributed` created.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # Fallback for simple lists "node[01-04],other" -> "node01".
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def discover_world(env: Optional[dict] = None) -> World:
+    """Read the launcher's environment: torchrun/accelerate (RANK, WORLD_SIZE, LOCAL_RANK, ...) first,
+    then SLURM (SLURM_PROCID, SLURM_NTASKS, ...) when a job step launched one task per GPU."""
+    env = dict(os.environ if env is None else env)
+    port = int(env.get("MASTER_PORT", 29500))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        ws = int(env["WORLD_SIZE"])
+        lws = int(env.get("LOCAL_WORLD_SIZE", ws))
+        return World(
+            rank=int(env["RANK"]),
+            world_size=ws,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=lws,
+            node_rank=int(env.get("GROUP_RANK", int(env["RANK"]) // max(lws, 1))),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=port,
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        ws = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_NNODES", 1))
+        return World(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=ws,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=max(ws // max(nodes, 1), 1),
+            node_rank=int(env.get("SLURM_NODEID", 0)),
+            master_addr=env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=port,
+        )
+    return World()
+
+
+def export_env(world: World) -> None:
+    """Make the torch.distributed env:// variables agree with ``world`` (needed under srun)."""
+    os.environ.update(
+        RANK=str(world.rank),
+        WORLD_SIZE=str(world.world_size),
+        LOCAL_RANK=str(world.local_rank),
+        LOCAL_WORLD_SIZE=str(world.local_world_size),
+        MASTER_ADDR=world.master_addr,
+        MASTER_PORT=str(world.master_port),
+    )
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(world: World, *, backend: Optional[str] = None, timeout_s: float = 1800) -> None:
+    """Create the default process group (also for world_size 1, so collectives work everywhere)."""
+    if dist.is_initialized():
+        return
+    export_env(world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % max(torch.cuda.device_count(), 1))
+    dist.init_process_group(
+        backend=backend or default_backend(),
+        init_method="env://",
+        world_size=world.world_size,
+        rank=world.rank,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def shutdown() -> None:
+    """Destroy the process group (ZeRO-3 can abort at interpreter exit otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone: still tear down locally
+            pass
+        dist.destroy_process_group()
