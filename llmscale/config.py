@@ -178,6 +178,8 @@ class ParallelConfig:
     offload_optimizer: bool = doc(False, "ZeRO: keep optimizer state on the CPU.")
     tensor_parallel: int = doc(1, "Tensor-parallel degree.")
     pipeline_parallel: int = doc(1, "Pipeline-parallel degree (stages).")
+    pipeline_partition: Literal["parameters", "uniform"] = doc(
+        "parameters", "How layers are assigned to pipeline stages: balance parameter counts, or equal layer counts.")
     micro_batch_size: Optional[int] = doc(None, "Samples per rank per forward pass.")
     grad_accum_steps: Optional[int] = doc(None, "Micro-batches accumulated per optimizer step (pipeline: micro-batches per step).")
     global_batch_size: Optional[int] = doc(None, "Samples per optimizer step over all data-parallel ranks.")

@@ -1,0 +1,72 @@
+"""AdamW parameter groups and the learning-rate schedule.
+
+Weight decay is decoupled (AdamW) and never applied to norms, biases and embeddings: decaying a
+LayerNorm gain pulls it towards 0 rather than 1, and embedding rows that are rarely seen would shrink
+between their updates. The decision is made by module type on the single-device model, so it is the
+same in every parallel layout (see :func:`no_decay_names`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _is_norm(m: nn.Module) -> bool:
+    # Model code may define its own RMSNorm; recognise it by name as well as by type.
+    return isinstance(m, _NORMS) or "norm" in type(m).__name__.lower()
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters(remove_duplicate=False)``) that get no weight decay: every
+    parameter of an embedding or normalisation module, every bias, and any parameter with fewer than 2
+    dimensions. A weight tied to an embedding (the output head) is an embedding."""
+    out: set[str] = set()
+    embedding_ids: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(mod, nn.Embedding) or _is_norm(mod) or p_name == "bias" or p.ndim < 2:
+                out.add(full)
+            if isinstance(mod, nn.Embedding):
+                embedding_ids.add(id(p))
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in embedding_ids:
+            out.add(name)
+    return out
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], optim_cfg: Any, *, no_decay: set[str]) -> list[dict]:
+    """Two AdamW groups, ``decay`` (``optim.weight_decay``) and ``no_decay`` (0), of the trainable parameters
+    in ``named``; empty groups are dropped. Each group carries a ``name`` for logging."""
+    decay, plain, seen = [], [], set()
+    for name, p in named:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (plain if name in no_decay else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": optim_cfg.weight_decay, "name": "decay"},
+        {"params": plain, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, optim_cfg: Any, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up from 0 to ``lr`` over
+    ``warmup_steps``, then cosine / linear decay to ``min_lr`` at ``decay_steps`` (default ``total_steps``),
+    or constant. Held at ``min_lr`` afterwards."""
+    lr, min_lr, warm = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_steps
+    if warm > 0 and step < warm:
+        return lr * (step + 1) / warm
+    if optim_cfg.schedule == "constant":
+        return lr
+    end = optim_cfg.decay_steps if optim_cfg.decay_steps is not None else total_steps
+    span = max(end - warm, 1)
+    frac = min(max((step - warm) / span, 0.0), 1.0)
+    if optim_cfg.schedule == "cosine":
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return lr + (min_lr - lr) * frac
