@@ -1,0 +1,507 @@
+"""``llmscale prepare``: raw text -> tokenized, sharded Arrow dataset with a manifest written last.
+
+    m = prepare_dataset(["books/"], "data/books", vocab_size=8000, format="gpt", num_proc=8)
+
+Pipeline (one process):
+
+* a reader thread streams documents (:mod:`llmscale.data.sources`: what a document is, how bad
+  input is cleaned or skipped) and groups them into batches of about 1 MB of text, computing each
+  document's UTF-8 size and split score on the way;
+* the main thread encodes a whole batch with SentencePiece's own C++ thread pool
+  (``num_threads=num_proc``, numpy output: no per-token Python objects; SentencePiece releases the
+  GIL, so reading the next batch overlaps encoding) and hands documents to a
+  :class:`~llmscale.data.shards.ShardWriter` per split.
+
+Train/validation is decided BY DOCUMENT from a keyed hash of the document's text (seed = key): it
+does not depend on file order, ``num_proc`` or batch size, and duplicated documents land in the
+same split. The continuation pieces of a document longer than ``max_doc_chars`` follow its first
+piece. When ``val_fraction > 0`` and at least two rows are written, validation is never empty (the
+train row with the lowest score is moved there).
+
+Crash safety: everything is written into ``DIR.tmp-<pid>`` beside ``DIR`` (tokenizer, shards, then
+``manifest.json`` last) and renamed to ``DIR`` at the end. A run killed half-way leaves only the
+temporary folder, which the next run removes (its pid is dead). A folder without ``manifest.json``
+is never read as a dataset. A complete dataset at ``DIR`` is replaced only with ``overwrite=True``.
+
+GPT rows end with the end-of-document token. BERT rows are cut into sentences (after ``. ! ?``
+followed by space, after ``。！？；…`` and at blank lines; each sentence is tokenized on its own) and
+carry ``sentence_lengths`` for masked-LM / NSP pair building; they have no eos.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from llmscale.data.shards import (
+    MANIFEST,
+    Manifest,
+    ShardWriter,
+    fsync_dir,
+    read_manifest,
+    token_dtype_for,
+    write_manifest,
+)
+from llmscale.data.sources import (
+    DEFAULT_DOC_CHARS,
+    DEFAULT_MAX_DOC_CHARS,
+    DOC_SPLITS,
+    Document,
+    PrepareError,
+    ReadStats,
+    iter_document_records,
+    resolve_inputs,
+)
+from llmscale.log import get_logger, progress
+
+log = get_logger(__name__)
+
+__all__ = ["prepare_dataset", "PrepareError", "split_sentences"]
+
+FORMATS = ("gpt", "bert")
+_DATASET_ENTRIES = {"train", "val", "tokenizer", MANIFEST}
+
+# Sentence ends: . ! ? (+ closing quotes/brackets) followed by whitespace; CJK 。！？；… (+ closers);
+# a blank line. The match end is where the next sentence starts.
+_SENT_END = re.compile(r"""[.!?]+["'”’)\]]*\s+|[。！？；…]+[”’」』）)"]*\s*|\n[^\S\n]*\n\s*""")
+_ABBREV = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|etc|No|Vol|Mt|Capt|Col|Gen|Lt|Rev)|\b[A-Za-z]|\be\.g|\bi\.e)\.$")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Cut text into consecutive sentences whose concatenation is exactly ``text``."""
+    out: list[str] = []
+    start = 0
+    for m in _SENT_END.finditer(text):
+        end = m.end()
+        if end >= len(text):
+            break
+        if text[m.start()] == "." and _ABBREV.search(text, max(start, m.start() - 6), m.start() + 1):
+            continue  # "Mr. Smith", "e.g. this"
+        out.append(text[start:end])
+        start = end
+    out.append(text[start:])
+    return [s for s in out if s] or [text]
+
+
+# --------------------------------------------------------------------------- output folder handling
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(output: Path) -> None:
+    """Remove DIR.tmp-<pid> / DIR.old-<pid> left by runs that died; refuse if one is still running."""
+    for p in output.parent.glob(f"{output.name}.*-*"):
+        m = re.fullmatch(re.escape(output.name) + r"\.(tmp|old)-(\d+)", p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _pid_alive(pid):
+            raise PrepareError(
+                f"{p} belongs to a running `llmscale prepare` (pid {pid}) writing {output}. Wait for it to finish "
+                f"or stop it (kill {pid}) and re-run.")
+        log.warning("removing %s left by an interrupted run (pid %d)", p, pid)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_output(output: Path, *, overwrite: bool, tokenizer_hash: Optional[str]) -> bool:
+    """Whether DIR exists and will be replaced. Raises when it must not be touched."""
+    if not output.exists():
+        return False
+    if not output.is_dir():
+        raise PrepareError(f"--output {output} is a file, not a folder. Choose a folder path.")
+    entries = {p.name for p in output.iterdir()}
+    if not entries:
+        return True
+    mpath = output / MANIFEST
+    if mpath.is_file():
+        try:
+            data = json.loads(mpath.read_text(encoding="utf-8"))
+            old_hash = data.get("tokenizer", {}).get("hash", "?")
+        except (ValueError, OSError):
+            data, old_hash = {}, "?"
+        if overwrite:
+            log.warning("--overwrite: replacing the dataset at %s (tokenizer hash %s)", output, old_hash)
+            return True
+        if tokenizer_hash is not None and old_hash != tokenizer_hash:
+            raise PrepareError(
+                f"{output} already holds a dataset built with tokenizer hash {old_hash}, you passed {tokenizer_hash}. "
+                f"Pass --overwrite to rebuild it with your tokenizer, or choose another --output.")
+        raise PrepareError(
+            f"{output} already holds a complete dataset (tokenizer hash {old_hash}, "
+            f"{data.get('stats', {}).get('documents_written', '?')} documents). Pass --overwrite to rebuild it, "
+            f"or choose another --output.")
+    foreign = sorted(e for e in entries if e not in _DATASET_ENTRIES and not e.startswith("."))
+    if foreign and not overwrite:
+        raise PrepareError(
+            f"--output {output} exists and holds files that are not an llmscale dataset ({', '.join(foreign[:5])}). "
+            f"Choose a new or empty folder, or pass --overwrite to replace the folder.")
+    log.warning("%s holds an incomplete dataset (no %s: an interrupted run); replacing it", output, MANIFEST)
+    return True
+
+
+# --------------------------------------------------------------------------- reading thread
+
+
+class _Batch:
+    __slots__ = ("docs", "nbytes", "scores", "sentences")
+
+    def __init__(self) -> None:
+        self.docs: list[Document] = []
+        self.nbytes: list[int] = []
+        self.scores: list[float] = []
+        self.sentences: Optional[list[list[str]]] = None
+
+
+def _batches(docs: Iterator[Document], *, batch_chars: int, key: bytes, bert: bool) -> Iterator[_Batch]:
+    b = _Batch()
+    if bert:
+        b.sentences = []
+    size = 0
+    for d in docs:
+        raw = d.text.encode("utf-8")
+        b.docs.append(d)
+        b.nbytes.append(len(raw))
+        b.scores.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=key).digest(), "little") / 2.0**64)
+        if bert:
+            b.sentences.append(split_sentences(d.text))
+        size += len(d.text)
+        if size >= batch_chars:
+            yield b
+            b = _Batch()
+            if bert:
+                b.sentences = []
+            size = 0
+    if b.docs:
+        yield b
+
+
+_DONE = object()
+
+
+def _background(gen: Iterator, depth: int = 4) -> Iterator:
+    """Run a generator in a thread, ``depth`` items ahead; its exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, name="prepare-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def _default_num_proc() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_dataset(
+    inputs: Sequence[str | os.PathLike] | str,
+    output: str | os.PathLike,
+    *,
+    tokenizer=None,
+    vocab_size: Optional[int] = None,
+    model_type: str = "bpe",
+    format: str = "gpt",
+    seq_len: int = 512,
+    val_fraction: float = 0.005,
+    num_proc: Optional[int] = None,
+    shard_tokens: int = 1 << 24,
+    text_field: str = "text",
+    seed: int = 1234,
+    doc_split: str = "chunk",
+    doc_chars: int = DEFAULT_DOC_CHARS,
+    max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
+    tokenizer_sample_bytes: Optional[int] = None,
+    character_coverage: Optional[float] = None,
+    overwrite: bool = False,
+    batch_chars: int = 1 << 20,
+) -> Manifest:
+    """Tokenize ``inputs`` into a dataset folder ``output`` and return its manifest.
+
+    ``tokenizer``: a :class:`~llmscale.data.tokenizer.Tokenizer`, a tokenizer folder, or None to train
+    one (``vocab_size``, ``model_type``) on the same inputs into ``output/tokenizer``.
+    """
+    from llmscale.data.tokenizer import DEFAULT_SAMPLE_BYTES, Tokenizer, train_tokenizer
+
+    t0 = time.time()
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if format not in FORMATS:
+        raise PrepareError(f"--format {format!r} is unknown; choose gpt or bert.")
+    if doc_split not in DOC_SPLITS:
+        raise PrepareError(f"--doc-split {doc_split!r} is unknown; choose one of {', '.join(DOC_SPLITS)}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    if seq_len < 2:
+        raise PrepareError(f"--seq-len must be >= 2, got {seq_len}.")
+    if shard_tokens < 1:
+        raise PrepareError(f"--shard-tokens must be >= 1, got {shard_tokens}.")
+    num_proc = _default_num_proc() if not num_proc or num_proc < 1 else int(num_proc)
+    output = Path(output).absolute()
+    files = resolve_inputs(inputs)  # missing paths fail here, before any work
+
+    tok = None
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    elif vocab_size is None and model_type != "char":
+        raise PrepareError("Give a tokenizer (--tokenizer DIR) or the size of one to train (--vocab-size N, e.g. 8000).")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(output)
+    replace = _check_output(output, overwrite=overwrite, tokenizer_hash=tok.hash if tok else None)
+    stage = output.parent / f"{output.name}.tmp-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        if tok is None:
+            log.info("no --tokenizer given: training a %s tokenizer (vocab_size=%s) on the inputs", model_type, vocab_size)
+            tok = train_tokenizer(files, stage / "tokenizer", vocab_size=vocab_size, model_type=model_type,
+                                  sample_bytes=tokenizer_sample_bytes or DEFAULT_SAMPLE_BYTES,
+                                  character_coverage=character_coverage,
+                                  text_field=text_field, doc_split=doc_split, num_threads=num_proc, seed=seed)
+        else:
+            tok.save(stage / "tokenizer")
+        manifest_data = _tokenize_into(
+            stage, files, tok, format=format, seq_len=seq_len, val_fraction=val_fraction, num_proc=num_proc,
+            shard_tokens=shard_tokens, text_field=text_field, seed=seed, doc_split=doc_split, doc_chars=doc_chars,
+            max_doc_chars=max_doc_chars, batch_chars=batch_chars,
+        )
+        manifest_data["args"] = {
+            "inputs": [str(i) for i in inputs], "format": format, "seq_len": seq_len, "val_fraction": val_fraction,
+            "num_proc": num_proc, "shard_tokens": shard_tokens, "text_field": text_field, "seed": seed,
+            "doc_split": doc_split, "doc_chars": doc_chars, "max_doc_chars": max_doc_chars,
+        }
+        write_manifest(stage, manifest_data)  # last: marks the staged dataset complete
+        fsync_dir(stage)
+        if replace:
+            old = output.parent / f"{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+            os.replace(stage, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, output)
+        fsync_dir(output.parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    m = read_manifest(output)
+    st = m.data["stats"]
+    log.info("dataset written to %s in %.1fs: %d train / %d val documents, %d / %d tokens; %d skipped %s",
+             output, time.time() - t0, m.data["splits"]["train"]["num_documents"],
+             m.data["splits"]["val"]["num_documents"], m.num_tokens("train"), m.num_tokens("val"),
+             st["documents_skipped"], st["skipped_reasons"] or "")
+    return m
+
+
+def _tokenize_into(
+    stage: Path,
+    files: list[Path],
+    tok,
+    *,
+    format: str,
+    seq_len: int,
+    val_fraction: float,
+    num_proc: int,
+    shard_tokens: int,
+    text_field: str,
+    seed: int,
+    doc_split: str,
+    doc_chars: int,
+    max_doc_chars: int,
+    batch_chars: int,
+) -> dict:
+    bert = format == "bert"
+    dtype = token_dtype_for(tok.vocab_size)
+    writers = {s: ShardWriter(stage, s, dtype=dtype, shard_tokens=shard_tokens, with_sentences=bert) for s in ("train", "val")}
+    counts = {s: {"num_documents": 0, "num_tokens": 0, "num_bytes": 0} for s in ("train", "val")}
+    eos = np.array([tok.eos_id], dtype=np.int32)
+    stats = ReadStats()
+    key = hashlib.sha256(f"llmscale-split-{seed}".encode()).digest()[:32]
+    docs = iter_document_records(files, text_field=text_field, doc_split=doc_split, doc_chars=doc_chars,
+                                 max_doc_chars=max_doc_chars, stats=stats, files=files)
+    batches = _background(_batches(docs, batch_chars=batch_chars, key=key, bert=bert))
+    sp = tok.sp
+    # The train row with the lowest score is held back: it goes to val if val would otherwise be empty.
+    held: Optional[tuple] = None
+    last_split = "train"
+    t_start = time.time()
+    chars = 0
+
+    def write(split: str, ids: np.ndarray, sents: Optional[list[int]], nbytes: int) -> None:
+        writers[split].add(ids, sents)
+        c = counts[split]
+        c["num_documents"] += 1
+        c["num_tokens"] += int(ids.size)
+        c["num_bytes"] += nbytes
+
+    for b in progress(batches, desc="prepare", unit="batch"):
+        if bert:
+            flat = [s for sents in b.sentences for s in sents]
+            enc = sp.encode(flat, out_type="numpy", num_threads=num_proc)
+            per_doc, i = [], 0
+            for sents in b.sentences:
+                parts = enc[i : i + len(sents)]
+                i += len(sents)
+                per_doc.append((np.concatenate(parts), [int(p.size) for p in parts]))
+        else:
+            enc = sp.encode([d.text for d in b.docs], out_type="numpy", num_threads=num_proc)
+            per_doc = [(np.concatenate((e, eos)), None) for e in enc]
+        for d, (ids, sl), nbytes, score in zip(b.docs, per_doc, b.nbytes, b.scores):
+            chars += len(d.text)
+            if d.part == 0:
+                last_split = "val" if score < val_fraction else "train"
+            split = last_split
+            if split == "train" and val_fraction > 0 and counts["val"]["num_documents"] == 0:
+                cand = (score, ids, sl, nbytes)
+                if held is None:
+                    held = cand
+                    continue
+                if score < held[0]:
+                    held, cand = cand, held
+                write("train", *cand[1:])
+                continue
+            write(split, ids, sl, nbytes)
+    if held is not None:
+        _, ids, sl, nbytes = held
+        total = counts["train"]["num_documents"] + counts["val"]["num_documents"] + 1
+        write("val" if counts["val"]["num_documents"] == 0 and total >= 2 else "train", ids, sl, nbytes)
+    dt = time.time() - t_start
+    shards = {s: w.close() for s, w in writers.items()}
+    n_written = counts["train"]["num_documents"] + counts["val"]["num_documents"]
+    log.info("read %d files, %.1f MB in %.1fs (%.1f MB/s): %d documents read, %d rows written, %d skipped %s, "
+             "repaired %s, %d documents cut into pieces", stats.files, stats.bytes_read / 1e6, dt,
+             stats.bytes_read / 1e6 / max(dt, 1e-9), stats.documents_read, n_written, stats.documents_skipped,
+             dict(stats.skipped) or "", dict(stats.repaired) or "{}", stats.documents_split)
+    if n_written == 0:
+        raise PrepareError(
+            f"No document to write: {stats.documents_read} read, all skipped ({dict(stats.skipped)}). Check --input "
+            f"and --text-field.")
+    ntrain = counts["train"]["num_tokens"]
+    if not bert and ntrain < seq_len + 1:
+        raise PrepareError(
+            f"The corpus is smaller than one training sequence: {ntrain} train tokens, but --seq-len {seq_len} needs "
+            f"{seq_len + 1}. Pass --seq-len {max(2, ntrain - 1) if ntrain > 2 else 2} or less (or --val-fraction 0), "
+            f"or add more text.")
+    if counts["val"]["num_documents"] and not bert and counts["val"]["num_tokens"] < seq_len + 1:
+        log.warning("the validation split has %d tokens, less than one sequence of %d: validation will use a short "
+                    "window. Raise --val-fraction for a bigger validation split.", counts["val"]["num_tokens"], seq_len + 1)
+    if val_fraction > 0 and counts["val"]["num_documents"] == 0:
+        log.warning("only one document was written, so there is no validation split; give more documents "
+                    "(e.g. --doc-split paragraph) to get one.")
+    return {
+        "kind": format,
+        "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "path": "tokenizer", "model_type": tok.model_type},
+        "token_dtype": np.dtype(dtype).name,
+        "seq_len": seq_len,
+        "eos_appended": not bert,
+        "splits": {s: {**counts[s], "shards": [x.to_dict() for x in shards[s]]} for s in ("train", "val")},
+        "stats": {
+            "documents_read": stats.documents_read,
+            "documents_written": n_written,
+            "documents_skipped": stats.documents_skipped,
+            "skipped_reasons": dict(stats.skipped),
+            "documents_repaired": dict(stats.repaired),
+            "documents_split": stats.documents_split,
+            "files": stats.files,
+            "bytes_read": stats.bytes_read,
+            "chars_written": chars,
+            "seconds": round(dt, 3),
+        },
+        "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--input", nargs="+", required=True,
+                   help="Files, folders (recursive) or globs: .txt, .jsonl/.json, .parquet, .csv/.tsv, optionally .gz.")
+    p.add_argument("--output", required=True, help="Dataset folder to create (written via DIR.tmp-<pid>, manifest last).")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tokenizer", default=None, help="Tokenizer folder from `llmscale tokenizer train`.")
+    g.add_argument("--vocab-size", type=int, default=None, help="Train a tokenizer of this size into DIR/tokenizer first.")
+    p.add_argument("--model-type", choices=("bpe", "unigram", "char"), default="bpe", help="Kind of tokenizer to train (with --vocab-size).")
+    p.add_argument("--character-coverage", type=float, default=None,
+                   help="With --vocab-size: fraction of characters with their own piece (default 0.9995; rarer ones use bytes).")
+    p.add_argument("--format", choices=FORMATS, default="gpt", help="gpt: documents end with eos; bert: sentence lengths for MLM/NSP.")
+    p.add_argument("--seq-len", type=int, default=512, help="Training sequence length (checked: the corpus must hold one).")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="Fraction of documents in the validation split.")
+    p.add_argument("--num-proc", type=int, default=None, help="Tokenizer threads (default: all CPUs of this process).")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="Tokens per shard file.")
+    p.add_argument("--text-field", default="text", help="Field of json/parquet/csv records holding the text (dotted path ok; list of strings joined by newlines).")
+    p.add_argument("--doc-split", choices=DOC_SPLITS, default="chunk",
+                   help=".txt documents: chunk (blank-line paragraphs grouped to --doc-chars), file, paragraph, line.")
+    p.add_argument("--doc-chars", type=int, default=DEFAULT_DOC_CHARS, help="Target document size for --doc-split chunk.")
+    p.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS, help="Longer documents are cut into pieces (bounded memory).")
+    p.add_argument("--seed", type=int, default=1234, help="Seed of the train/validation split (and tokenizer sampling).")
+    p.add_argument("--overwrite", action="store_true", help="Replace a complete dataset already at --output.")
+
+
+def main(args) -> int:
+    m = prepare_dataset(
+        args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model_type=args.model_type,
+        character_coverage=args.character_coverage, format=args.format, seq_len=args.seq_len, val_fraction=args.val_fraction, num_proc=args.num_proc,
+        shard_tokens=args.shard_tokens, text_field=args.text_field, seed=args.seed, doc_split=args.doc_split,
+        doc_chars=args.doc_chars, max_doc_chars=args.max_doc_chars, overwrite=args.overwrite,
+    )
+    d = m.data
+    print(json.dumps({
+        "output": str(m.root),
+        "kind": d["kind"],
+        "tokenizer_hash": d["tokenizer"]["hash"],
+        "vocab_size": d["tokenizer"]["vocab_size"],
+        "train": {k: d["splits"]["train"][k] for k in ("num_documents", "num_tokens", "num_bytes")},
+        "val": {k: d["splits"]["val"][k] for k in ("num_documents", "num_tokens", "num_bytes")},
+        "stats": {k: d["stats"][k] for k in ("documents_read", "documents_written", "documents_skipped", "skipped_reasons")},
+    }, indent=2, ensure_ascii=False))
+    return 0
