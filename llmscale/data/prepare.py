@@ -15,8 +15,8 @@ Pipeline (one process):
 Train/validation is decided BY DOCUMENT from a keyed hash of the document's text (seed = key): it
 does not depend on file order, ``num_proc`` or batch size, and duplicated documents land in the
 same split. The continuation pieces of a document longer than ``max_doc_chars`` follow its first
-piece. When ``val_fraction > 0`` and at least two rows are written, validation is never empty (the
-train row with the lowest score is moved there).
+piece. When ``val_fraction > 0`` and at least two rows are written, validation is never empty (if
+the hash picked no document, the last one goes there, as in a split of a single text by position).
 
 Crash safety: everything is written into ``DIR.tmp-<pid>`` beside ``DIR`` (tokenizer, shards, then
 ``manifest.json`` last) and renamed to ``DIR`` at the end. A run killed half-way leaves only the
@@ -370,7 +370,6 @@ def _tokenize_into(
                                  max_doc_chars=max_doc_chars, stats=stats, files=files)
     batches = _background(_batches(docs, batch_chars=batch_chars, key=key, bert=bert))
     sp = tok.sp
-    # The train row with the lowest score is held back: it goes to val if val would otherwise be empty.
     held: Optional[tuple] = None
     last_split = "train"
     t_start = time.time()
@@ -400,20 +399,18 @@ def _tokenize_into(
             if d.part == 0:
                 last_split = "val" if score < val_fraction else "train"
             split = last_split
-            if split == "train" and val_fraction > 0 and counts["val"]["num_documents"] == 0:
-                cand = (score, ids, sl, nbytes)
-                if held is None:
-                    held = cand
+            if split == "train":
+                if held is not None:
+                    write("train", *held)
+                    held = None
+                if val_fraction > 0 and counts["val"]["num_documents"] == 0:
+                    # Keep the newest train row back while val is empty: if it stays empty, that row becomes val.
+                    held = (ids, sl, nbytes)
                     continue
-                if score < held[0]:
-                    held, cand = cand, held
-                write("train", *cand[1:])
-                continue
             write(split, ids, sl, nbytes)
     if held is not None:
-        _, ids, sl, nbytes = held
-        total = counts["train"]["num_documents"] + counts["val"]["num_documents"] + 1
-        write("val" if counts["val"]["num_documents"] == 0 and total >= 2 else "train", ids, sl, nbytes)
+        n_rows = counts["train"]["num_documents"] + counts["val"]["num_documents"] + 1
+        write("val" if counts["val"]["num_documents"] == 0 and n_rows >= 2 else "train", *held)
     dt = time.time() - t_start
     shards = {s: w.close() for s, w in writers.items()}
     n_written = counts["train"]["num_documents"] + counts["val"]["num_documents"]
