@@ -1,0 +1,623 @@
+"""The one place that talks to DeepSpeed: config generation, model wrapping, the optimizer step.
+
+    plan = solve_batch(cfg.parallel, world_size=world.world_size, seq_len=cfg.data.seq_len)
+    engine = build_engine(cfg, build_model(cfg.model), world=world, plan=plan)
+    result = engine.train_step(loader.next_step())      # StepResult(loss, grad_norm, lr, skipped, timings)
+
+Layouts (all on DeepSpeed, CPU included with ``DS_ACCELERATOR=cpu`` + gloo):
+
+* data parallel with ZeRO 0/1/2/3 (optimizer offload optional) — ``deepspeed.initialize`` on the model;
+* tensor parallel — llmscale's Column/RowParallelLinear (see :mod:`llmscale.parallel`) on the tensor
+  group of DeepSpeed's ``PipeModelDataParallelTopology``, which is handed to DeepSpeed as its ``mpu`` so
+  gradient reduction and ZeRO sharding use the matching data-parallel group. DeepSpeed's own AutoTP
+  (``tensor_parallel.autotp_size``) is deliberately *not* used: it builds process groups of its own that
+  do not line up with a PipelineModule's grid (TP2xPP2 failed with a collective size mismatch), while
+  these layers compose with pipelines unchanged;
+* pipeline parallel — DeepSpeed ``PipelineModule`` (1F1B ``train_batch``) built from the model's
+  ``pipeline_layers()``, tied embedding/head gradients synchronised by ``TiedLayerSpec``;
+* and every product of the three.
+
+Non-finite steps: if the loss or the gradient norm is non-finite on any rank, every rank skips the update
+(``train.nan_policy=skip``; DeepSpeed's counters stay consistent because the skip happens inside its own
+step: its ZeRO optimizers' overflow path, or :class:`_AdamW` for ZeRO-0 fp32) or raises
+:class:`NonFiniteError` (``raise``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmscale.log import get_logger
+from llmscale.parallel import (
+    BatchPlan,
+    Layout,
+    LayoutError,
+    Topology,
+    apply_tensor_parallel,
+    check_layout,
+    pipeline_param_names,
+    pipeline_pieces,
+    solve_batch,
+)
+
+log = get_logger(__name__)
+
+__all__ = [
+    "Engine", "StepResult", "NonFiniteError", "build_engine", "build_deepspeed_config", "resolve_precision",
+    "solve_batch", "check_layout", "LayoutError", "BatchPlan", "Layout",
+]
+
+_MODEL_KWARGS = ("labels", "attention_mask", "token_type_ids", "next_sentence_label")
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient norm with ``train.nan_policy=raise``."""
+
+
+@dataclass
+class StepResult:
+    """One optimizer step. ``loss`` is the mean over the whole global batch (all data-parallel ranks) and
+    is the same on every rank. ``timings`` in seconds: see :meth:`Engine.train_step`."""
+
+    loss: float
+    grad_norm: Optional[float]
+    lr: float
+    skipped: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+
+def _on_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere (CPU, older GPUs)."""
+    if precision != "auto":
+        return precision
+    if _on_cuda() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def build_deepspeed_config(cfg: Any, plan: BatchPlan) -> dict:
+    """The DeepSpeed JSON for ``cfg`` (a RunConfig), generated — never hand-written.
+
+    Every ``cfg.deepspeed`` key that is set maps to exactly one DeepSpeed key. ``gradient_clipping`` is
+    ``optim.grad_clip`` except for ZeRO-0 in fp32, where llmscale's optimizer clips (DeepSpeed's fp32
+    path counts replicated parameters only on model-parallel rank 0, which is wrong for pipeline stages
+    > 0); the value then appears as ``0.0`` here and the clipping still happens. The optimizer is not in
+    this dict: llmscale passes a ``torch.optim.AdamW`` with its own parameter groups."""
+    par, ds_extra = cfg.parallel, cfg.deepspeed
+    precision = resolve_precision(cfg.train.precision)
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _on_cuda()}
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+                "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        value = getattr(ds_extra, key)
+        if value is not None:
+            if key.startswith("stage3_") and par.zero_stage != 3:
+                raise LayoutError(f"deepspeed.{key} is set but parallel.zero_stage={par.zero_stage}; it only applies to "
+                                  f"ZeRO-3. Remove deepspeed.{key} or set parallel.zero_stage=3.")
+            zero[key] = value
+    llmscale_clips = par.zero_stage == 0 and precision == "fp32"
+    out: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": 0.0 if llmscale_clips else float(cfg.optim.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # The optimizer is llmscale's torch AdamW (param groups without decay on norms/biases/embeddings).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": ds_extra.steps_per_print,
+        "wall_clock_breakdown": ds_extra.wall_clock_breakdown,
+    }
+    if ds_extra.communication_data_type is not None:
+        out["communication_data_type"] = ds_extra.communication_data_type
+    if par.pipeline_parallel > 1:
+        out["pipeline"] = {"partition_method": par.pipeline_partition}
+    return out
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _split_decay(named: Iterable[tuple[str, nn.Parameter]], no_decay: set[str], optim_cfg: Any) -> list[dict]:
+    from llmscale.optim import param_groups
+
+    return param_groups(named, optim_cfg, no_decay=no_decay)
+
+
+class _StepControl:
+    """Per-step state shared between the engine and its optimizer (ZeRO-0 fp32 only does work here)."""
+
+    def __init__(self) -> None:
+        self.force_skip = False  # set by the engine when the loss is non-finite on some rank
+        self.manage = False  # ZeRO-0 fp32: this optimizer computes norm, clips and detects non-finite grads
+        self.grad_norm: Optional[float] = None
+        self.skipped = False
+        self.clip = 0.0
+        self.params: list[nn.Parameter] = []
+        self.tp_rank = 0
+        self.model_group = None
+        self.flag_group = None
+
+    def reset(self) -> None:
+        self.force_skip = False
+        self.grad_norm = None
+        self.skipped = False
+
+
+class _AdamW(torch.optim.AdamW):
+    """torch AdamW that can skip its update on every rank at once.
+
+    For ZeRO-0 fp32 it also computes the global gradient norm (each parameter counted once over the
+    tensor- and pipeline-parallel ranks of a replica) and clips to ``optim.grad_clip``, then skips when
+    the norm is non-finite on any rank. Under ZeRO-1/2/3 and bf16/fp16 DeepSpeed's wrapper does norm,
+    clip and overflow skip itself and only calls this step for finite gradients. Setting ``overflow``
+    makes DeepSpeed count a skipped step (``skipped_steps``) and keep its counters consistent."""
+
+    def __init__(self, params, *, ctl: _StepControl, **kw):
+        super().__init__(params, **kw)
+        self.llmscale_ctl = ctl
+        self.overflow = False
+
+    def step(self, closure=None):
+        ctl = self.llmscale_ctl
+        skip = ctl.force_skip
+        if ctl.manage:
+            sq = torch.zeros((), dtype=torch.float32, device=ctl.params[0].device if ctl.params else "cpu")
+            for p in ctl.params:
+                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                    continue
+                if ctl.tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
+                    continue  # replicated over TP: counted on TP rank 0 only
+                sq += p.grad.detach().float().pow(2).sum()
+            if ctl.model_group is not None:
+                dist.all_reduce(sq, group=ctl.model_group)
+            norm = sq.sqrt()
+            bad = (~torch.isfinite(norm)).float() + float(skip)
+            dist.all_reduce(bad, group=ctl.flag_group)
+            ctl.grad_norm = float(norm)
+            skip = bool(bad.item() > 0)
+            if not skip and ctl.clip > 0:
+                coef = ctl.clip / (float(norm) + 1e-6)
+                if coef < 1.0:
+                    for p in ctl.params:
+                        if p.grad is not None:
+                            p.grad.detach().mul_(coef)
+        self.overflow = skip
+        if skip:
+            ctl.skipped = True
+            return None
+        return super().step(closure)
+
+
+# --------------------------------------------------------------------------- pipeline loss
+
+
+class _PipeLoss:
+    """Loss of the last pipeline stage: mean token cross-entropy over non-ignored targets (+ NSP loss for
+    BERT), the same definition as the models' ``forward(..., labels=...)``. In ``sum_mode`` (evaluation)
+    it returns the token-summed loss so the caller can weight batches by their target count."""
+
+    def __init__(self) -> None:
+        self.sum_mode = False
+
+    def __call__(self, outputs, labels):
+        nsp_logits = nsp_labels = None
+        if isinstance(outputs, (tuple, list)):
+            logits = outputs[0]
+            nsp_logits = outputs[1] if len(outputs) > 1 else None
+        else:
+            logits = outputs
+        if isinstance(labels, (tuple, list)):
+            lm_labels = labels[0]
+            nsp_labels = labels[1] if len(labels) > 1 else None
+        else:
+            lm_labels = labels
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), lm_labels.reshape(-1),
+                             ignore_index=-100, reduction="sum")
+        n = (lm_labels != -100).sum()
+        nsp = F.cross_entropy(nsp_logits.float(), nsp_labels) if nsp_logits is not None and nsp_labels is not None else 0.0
+        if self.sum_mode:
+            return ce + nsp * n
+        return ce / n.clamp(min=1) + nsp
+
+
+def _pipe_batch(mb: dict, device) -> tuple:
+    """A loader micro-batch -> DeepSpeed pipeline batch ``(inputs_tuple, labels)``: the first stage reads
+    the inputs, the last the labels."""
+    ids = mb["input_ids"].to(device)
+    if "token_type_ids" in mb or "attention_mask" in mb:
+        inputs = (ids, mb.get("token_type_ids", torch.zeros_like(mb["input_ids"])).to(device),
+                  mb.get("attention_mask", torch.ones_like(mb["input_ids"])).to(device))
+    else:
+        inputs = (ids,)
+    labels = mb["labels"].to(device)
+    if "next_sentence_label" in mb:
+        return inputs, (labels, mb["next_sentence_label"].to(device))
+    return inputs, labels
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A DeepSpeed engine for one layout. Build with :func:`build_engine`."""
+
+    def __init__(self, *, cfg, ds, layout: Layout, plan: BatchPlan, topo: Optional[Topology], ctl: _StepControl,
+                 model: nn.Module, kinds: dict[str, str], name_map: dict[str, str], pipe_loss: Optional[_PipeLoss],
+                 ds_config: dict):
+        self.cfg = cfg
+        self.ds = ds
+        self.layout = layout
+        self.plan = plan
+        self.topo = topo
+        self._ctl = ctl
+        self._model = model  # the (tensor-split) single-device model; every rank holds it for names/buffers
+        self.tp_kinds = kinds  # single-device parameter name -> column | row | replicated
+        self._name_map = name_map  # DeepSpeed module parameter name -> single-device name
+        self._pipe_loss = pipe_loss
+        self.ds_config = ds_config
+        self.pipeline = layout.pp > 1
+        self.precision = resolve_precision(cfg.train.precision)
+
+    # ---- layout
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (skipped ones included), restored by :meth:`load`."""
+        return int(self.ds.global_steps)
+
+    def _dp_group(self):
+        return self.topo.dp_group if self.topo is not None else None
+
+    # ---- training
+    def _set_lr(self) -> float:
+        from llmscale.optim import lr_at
+
+        lr = float(lr_at(self.global_step, self.cfg.optim, self.cfg.train.steps))
+        for g in self.ds.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """One optimizer step over this rank's ``grad_accum_steps`` micro-batches.
+
+        timings (seconds): ``forward`` / ``backward`` are the summed model passes (backward includes the
+        gradient reduction DeepSpeed starts inside ``backward`` at the accumulation boundary), ``optimizer``
+        the DeepSpeed step (ZeRO all-gather of updated parameters included), ``comm`` llmscale's own
+        collectives (non-finite flag, loss average). With a pipeline the 1F1B schedule interleaves all
+        of these: ``forward`` then holds the whole ``train_batch`` time unless ``deepspeed.wall_clock_breakdown``
+        is on, in which case DeepSpeed's timers split it (``comm`` = stage send/recv + gradient all-reduce).
+        ``data`` is left at 0 for the caller to fill in."""
+        if len(micro_batches) != self.plan.grad_accum_steps:
+            raise ValueError(f"train_step got {len(micro_batches)} micro-batches, the plan has "
+                             f"grad_accum_steps={self.plan.grad_accum_steps}.")
+        self._ctl.reset()
+        lr = self._set_lr()
+        skipped_before = int(self.ds.skipped_steps)
+        t = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "comm": 0.0}
+        if self.pipeline:
+            loss = self._pipe_step(micro_batches, t)
+        else:
+            loss = self._plain_step(micro_batches, t)
+        skipped = self._ctl.skipped or int(self.ds.skipped_steps) > skipped_before
+        grad_norm = self._ctl.grad_norm if self._ctl.manage else self.ds.get_global_grad_norm()
+        if grad_norm is not None:
+            grad_norm = float(grad_norm)
+        if skipped or not math.isfinite(loss):
+            skipped = True
+            msg = (f"step {self.global_step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+                   f"the update was skipped on every rank")
+            if self.cfg.train.nan_policy == "raise":
+                raise NonFiniteError(msg + " (train.nan_policy=raise). Lower optim.lr, check the data, or set "
+                                     "train.nan_policy=skip.")
+            log.warning(msg)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, timings=t)
+
+    def _inputs(self, mb: dict) -> tuple[torch.Tensor, dict]:
+        dev = self.device
+        kwargs = {k: mb[k].to(dev) for k in _MODEL_KWARGS if k in mb}
+        return mb["input_ids"].to(dev), kwargs
+
+    def _plain_step(self, micro_batches: list[dict], t: dict) -> float:
+        ds = self.ds
+        ds.train()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            ids, kwargs = self._inputs(mb)
+            t0 = time.perf_counter()
+            out = ds(ids, **kwargs)
+            loss = out.loss if hasattr(out, "loss") else out
+            t1 = time.perf_counter()
+            ds.backward(loss)
+            t2 = time.perf_counter()
+            total += loss.detach().float()
+            t["forward"] += t1 - t0
+            t["backward"] += t2 - t1
+            if i == n - 1:
+                # One all-reduce over the world: loss average (TP ranks hold copies) and non-finite count.
+                t3 = time.perf_counter()
+                packed = torch.stack([total / n, (~torch.isfinite(total)).float()])
+                dist.all_reduce(packed)
+                mean_loss = float(packed[0]) / dist.get_world_size()
+                self._ctl.force_skip = bool(packed[1] > 0)
+                t["comm"] += time.perf_counter() - t3
+            t4 = time.perf_counter()
+            ds.step()
+            t["optimizer"] += time.perf_counter() - t4
+        if self.ds_config.get("wall_clock_breakdown"):
+            reduce_s = self._timer("bwd_allreduce")
+            t["backward"] -= min(reduce_s, t["backward"])
+            t["comm"] += reduce_s
+        return mean_loss
+
+    def _timer(self, name: str) -> float:
+        timers = getattr(self.ds.timers, "timers", {})
+        return timers[name].elapsed(reset=True) / 1000.0 if name in timers else 0.0
+
+    def _pipe_step(self, micro_batches: list[dict], t: dict) -> float:
+        it = iter([_pipe_batch(mb, self.device) for mb in micro_batches])
+        t0 = time.perf_counter()
+        loss = self.ds.train_batch(data_iter=it)
+        total = time.perf_counter() - t0
+        if self.ds_config.get("wall_clock_breakdown"):
+            t["forward"] = self._timer("fwd")
+            t["backward"] = self._timer("bwd")
+            t["optimizer"] = self._timer("step")
+            t["comm"] = sum(self._timer(k) for k in ("pipe_send_output", "pipe_send_grad", "pipe_recv_input",
+                                                     "pipe_recv_grad", "bwd_allreduce"))
+        else:
+            t["forward"] = total
+        return float(loss)
+
+    # ---- evaluation
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> tuple[float, int]:
+        """``(loss_sum, num_targets)`` of one evaluation micro-batch per data-parallel rank, **summed over the
+        data-parallel ranks** (the same two numbers on every rank): the caller adds these up over batches and
+        divides. Every rank must call it with its own batch (all ranks of a pipeline with the same one)."""
+        labels = batch["labels"]
+        n_local = torch.tensor(float((labels != -100).sum()), device=self.device)
+        if self.pipeline:
+            assert self._pipe_loss is not None
+            self._pipe_loss.sum_mode = True
+            try:
+                out = self.ds.eval_batch(iter([_pipe_batch(batch, self.device)]), num_micro_batches=1,
+                                         reduce_output="avg", bcast_loss=True)
+            finally:
+                self._pipe_loss.sum_mode = False
+            loss_sum = float(out) * self.layout.dp  # eval_batch averages over data-parallel ranks
+            if self.layout.dp > 1:
+                dist.all_reduce(n_local, group=self._dp_group())
+            self.ds.module.train()
+            return loss_sum, int(n_local.item())
+        self.ds.eval()
+        try:
+            ids, kwargs = self._inputs(batch)
+            out = self.ds(ids, **kwargs)
+        finally:
+            self.ds.train()
+        n = getattr(out, "num_targets", None)
+        n = n_local if n is None else torch.as_tensor(n, dtype=torch.float32, device=self.device)
+        packed = torch.stack([out.loss.detach().float() * n.float(), n.float()])
+        if self.layout.dp > 1:
+            dist.all_reduce(packed, group=self._dp_group())
+        return float(packed[0]), int(round(float(packed[1])))
+
+    # ---- checkpoints
+    def universal_checkpoint_info(self) -> dict:
+        """Parameter patterns for ``deepspeed.checkpoint.ds_to_universal`` (names as DeepSpeed saves them):
+        which parameters are replicated over tensor-parallel ranks, which are split along dim 1 (row
+        parallel; column-parallel ones use the default dim 0), which are pipeline-replicated (tied
+        embedding copies on the last stage). No vocabulary padding: embeddings are replicated."""
+        import re
+
+        from deepspeed.checkpoint import constants as C
+
+        inv: dict[str, list[str]] = {}
+        for ds_name, full in self._name_map.items():
+            inv.setdefault(full, []).append(ds_name)
+
+        def pats(kind: str) -> list[str]:
+            return sorted(f"^{re.escape(d)}$" for full, k in self.tp_kinds.items() if k == kind for d in inv.get(full, []))
+
+        tied = [f"^{re.escape(d)}$" for d in self._name_map if d.startswith("tied_modules.")]
+        return {
+            C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            C.TP_REPLICATED_PARAMETER_PATTERNS: pats("replicated"),
+            C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: pats("row"),
+            C.VOCABULARY_PARAMETER_PATTERNS: [],
+            C.PIPELINE_REPLICATED_PARAMETER_PATTERNS: tied,
+            C.PARAMETER_TO_AVERAGE_PATTERNS: [],
+            "llmscale_layout": {"dp": self.layout.dp, "tp": self.layout.tp, "pp": self.layout.pp,
+                                "zero_stage": self.layout.zero_stage},
+            "llmscale_param_names": dict(self._name_map),
+            "llmscale_tp_kinds": dict(self.tp_kinds),
+        }
+
+    def save(self, tag_dir: str | os.PathLike, client_state: dict) -> None:
+        """DeepSpeed ``save_checkpoint`` into ``tag_dir`` (its parent is the save dir, its name the tag).
+        Every rank must call it. ``client_state`` gains ``universal_checkpoint_info``."""
+        tag_dir = Path(tag_dir)
+        state = dict(client_state)
+        state["universal_checkpoint_info"] = self.universal_checkpoint_info()
+        self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=state, save_latest=False)
+
+    def load(self, tag_dir: str | os.PathLike) -> dict:
+        """Restore model, optimizer and DeepSpeed counters from ``tag_dir``; returns the saved client state."""
+        tag_dir = Path(tag_dir)
+        if not tag_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {str(tag_dir)!r} does not exist.")
+        path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(tag_dir)!r} (layout {self.layout.describe()}).")
+        return dict(client_state or {})
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The consolidated single-device state dict (``model.state_dict()`` names of the unsplit model, CPU
+        tensors) on global rank 0, ``{}`` elsewhere. Collective: every rank must call it. ZeRO-3 parameters
+        are gathered, tensor-parallel shards concatenated, pipeline stages collected."""
+        module = self.ds.module
+        params = dict(module.named_parameters())
+        local: dict[str, torch.Tensor] = {}
+        if self.layout.zero_stage == 3:
+            import deepspeed
+
+            plist = list(params.values())
+            with deepspeed.zero.GatheredParameters(plist, modifier_rank=None):
+                for name, p in params.items():
+                    local[self._name_map.get(name, name)] = p.detach().to("cpu", copy=True)
+        else:
+            for name, p in params.items():
+                local.setdefault(self._name_map.get(name, name), p.detach().to("cpu", copy=True))
+        # tensor parallel: concatenate shards over the TP group (every stage, every DP replica does it)
+        if self.layout.tp > 1:
+            for name in sorted(local):
+                kind = self.tp_kinds.get(name, "replicated")
+                if kind == "replicated":
+                    continue
+                dim = 0 if kind == "column" else 1
+                if kind == "row" and local[name].dim() == 1:
+                    continue
+                parts = [torch.empty_like(local[name]) for _ in range(self.layout.tp)]
+                dist.all_gather(parts, local[name].contiguous(), group=self.topo.tp_group)
+                local[name] = torch.cat(parts, dim=dim)
+        # pipeline: collect the stages on global rank 0 (one contribution per stage: dp 0, tp 0)
+        contributes = self.layout.dp_rank == 0 and self.layout.tp_rank == 0
+        if self.layout.pp > 1 or dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(local if contributes else None, gathered, dst=0)
+            if dist.get_rank() != 0:
+                return {}
+            merged: dict[str, torch.Tensor] = {}
+            for part in gathered:
+                for k, v in (part or {}).items():
+                    merged.setdefault(k, v)
+            local = merged
+        # every single-device key, aliases of tied weights and persistent buffers included
+        out: dict[str, torch.Tensor] = {}
+        canonical = {}
+        for name, p in self._model.named_parameters(remove_duplicate=False):
+            canonical.setdefault(id(p), name)
+        for key, value in self._model.state_dict(keep_vars=True).items():
+            if isinstance(value, nn.Parameter):
+                src = canonical[id(value)]
+                if src not in local:
+                    raise RuntimeError(f"full_state_dict: parameter {src!r} was not gathered from any stage.")
+                out[key] = local[src]
+            else:
+                out[key] = value.detach().to("cpu", copy=True)
+        return out
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> Engine:
+    """Wrap ``model`` (the full single-device model, built from the same seed on every rank) for the layout of
+    ``cfg.parallel``. The default process group must exist (``llmscale.dist.init_distributed``)."""
+    import deepspeed
+
+    layout = check_layout(cfg, world.world_size)
+    expected = solve_batch(cfg.parallel, world_size=world.world_size, seq_len=cfg.data.seq_len)
+    if expected != plan:
+        raise LayoutError(f"the batch plan {plan} does not match the config's {expected}; solve it with "
+                          f"llmscale.parallel.solve_batch(cfg.parallel, world_size=..., seq_len=...).")
+    if not dist.is_initialized():
+        raise RuntimeError("build_engine needs the default process group: call llmscale.dist.init_distributed(world) first.")
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    rank = dist.get_rank()
+    layout = layout.for_rank(rank)
+    precision = resolve_precision(cfg.train.precision)
+    on_cuda = _on_cuda()
+    if on_cuda:
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+
+    topo = Topology(layout) if (layout.tp > 1 or layout.pp > 1) else None
+    kinds = apply_tensor_parallel(model, rank=layout.tp_rank, size=layout.tp,
+                                  group=topo.tp_group if topo is not None else None)
+    # no decay: norms, biases, embeddings (decided on the single-device model, by single-device name)
+    from llmscale.optim import no_decay_names
+
+    no_decay = no_decay_names(model)
+    pipe_loss = None
+    if layout.pp > 1:
+        from deepspeed.pipe import PipelineModule
+
+        pieces = pipeline_pieces(model)
+        pipe_loss = _PipeLoss()
+        module = PipelineModule(layers=pieces.layers, topology=topo.topo, loss_fn=pipe_loss,
+                                partition_method=cfg.parallel.pipeline_partition, dynamic_shape=True)
+        all_names = pipeline_param_names(pieces, model)
+        local_names = {n for n, _ in module.named_parameters()}
+        name_map = {n: all_names[n] for n in local_names}
+        # keep the names of every stage for universal-checkpoint patterns
+        name_map.update({n: f for n, f in all_names.items()})
+        local_named = [(all_names[n], p) for n, p in module.named_parameters()]
+    else:
+        module = model
+        name_map = {n: n for n, _ in model.named_parameters()}
+        local_named = list(model.named_parameters())
+
+    ctl = _StepControl()
+    ds_config = build_deepspeed_config(cfg, plan)
+    ctl.manage = cfg.parallel.zero_stage == 0 and precision == "fp32"
+    ctl.clip = float(cfg.optim.grad_clip)
+    ctl.tp_rank = layout.tp_rank
+    ctl.model_group = topo.model_group if topo is not None else None
+    ctl.flag_group = None  # world
+    groups = _split_decay(local_named, no_decay, cfg.optim)
+    fused = on_cuda
+    optimizer = _AdamW(groups, ctl=ctl, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                       weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {}))
+    ctl.params = [p for g in groups for p in g["params"]]
+    mpu = topo.grid if (topo is not None and layout.pp == 1) else None
+    ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,
+                                       dist_init_required=False)
+    if ctl.manage:
+        ctl.params = [p for p in ds.module.parameters() if p.requires_grad]
+    # Dropout differs per data-parallel replica, agrees within a tensor-parallel group (replicated activations).
+    _seed_everything(cfg.train.seed + 1 + 1009 * layout.dp_rank + 7919 * layout.pp_rank)
+    log.info("engine: %s, micro-batch %d x %d accumulation x dp %d = global batch %d, precision %s",
+             layout.describe(), plan.micro_batch_size, plan.grad_accum_steps, plan.dp_size,
+             plan.global_batch_size, precision)
+    return Engine(cfg=cfg, ds=ds, layout=layout, plan=plan, topo=topo, ctl=ctl, model=model, kinds=kinds,
+                  name_map=name_map, pipe_loss=pipe_loss, ds_config=ds_config)
