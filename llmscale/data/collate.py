@@ -1,0 +1,271 @@
+"""Turning sample indices into batch arrays: packed causal-LM windows and masked-LM segment pairs.
+
+The loader (:mod:`llmscale.data.loader`) decides *which* samples a rank reads; this module
+decides *what a sample is* and builds the numpy arrays of a micro-batch from memory-mapped
+shards. Everything here is vectorized per row or per batch: there is no per-token Python.
+
+GPT: sample ``j`` of a split is the window of ``seq_len + 1`` tokens starting at token ``j * seq_len``
+of the split's token stream (every shard's documents back to back, each ending with eos);
+consecutive windows overlap by one token, so ``labels[:, t]`` (the next token) of the last position
+of one window is the first input of the next. A split of ``N`` tokens has ``ceil((N - 1) / seq_len)``
+samples; the last one is padded with ``pad_id`` and its padded labels are ``-100``. Every token
+except the split's very first is the target of exactly one sample per epoch, and every token except
+the very last is an input of exactly one sample: nothing is dropped and nothing is served twice.
+
+BERT: sample ``j`` is a run of consecutive sentences of one document holding at most
+``seq_len - 3`` tokens (greedy packing; a sentence longer than that is cut into pieces), split into
+segment A and segment B at a sentence boundary (chosen from the seed; inside the sentence when
+there is only one). Rows are ``[CLS] A [SEP] B [SEP]`` padded to ``seq_len``. The samples tile each
+document's tokens exactly once. With next-sentence prediction, half of the samples (a per-sample
+coin) replace B with the start of a sample from a different document (label 1); the others keep
+their true B (label 0). Masking selects each content token with probability ``mlm_probability``;
+selected tokens become ``[MASK]`` (80%), a random non-special token (10%) or stay (10%).
+[CLS], [SEP] and padding are never selected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from llmscale.data.shards import ShardView
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- token stream of one split
+
+
+class TokenStream:
+    """The tokens of one split: its memory-mapped shards back to back, addressed by global position."""
+
+    def __init__(self, shards: Sequence[ShardView]) -> None:
+        self.shards = list(shards)
+        sizes = np.array([len(s.tokens) for s in self.shards], dtype=np.int64)
+        self.cum = np.zeros(len(sizes) + 1, dtype=np.int64)  # cum[k] = global position of shard k's first token
+        np.cumsum(sizes, out=self.cum[1:])
+        self.num_tokens = int(self.cum[-1])
+        self._cum_list = self.cum.tolist()
+        self._tokens = [s.tokens for s in self.shards]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as one array (a zero-copy view when inside one shard)."""
+        k = int(np.searchsorted(self.cum, start, side="right")) - 1
+        if stop <= self._cum_list[k + 1]:
+            base = self._cum_list[k]
+            return self._tokens[k][start - base : stop - base]
+        parts = []
+        while start < stop:
+            base, end = self._cum_list[k], self._cum_list[k + 1]
+            take = min(stop, end)
+            parts.append(self._tokens[k][start - base : take - base])
+            start = take
+            k += 1
+        return np.concatenate(parts)
+
+
+# --------------------------------------------------------------------------- GPT
+
+
+def gpt_num_samples(num_tokens: int, seq_len: int) -> int:
+    """Windows needed so that every token but the first is a target exactly once."""
+    return max(0, -(-(num_tokens - 1) // seq_len))
+
+
+def gpt_windows(
+    stream: TokenStream, samples: np.ndarray, *, seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, labels)`` int64 arrays of shape (len(samples), seq_len) for these window indices.
+
+    A window lies inside one shard almost always: then its inputs and labels are two slices of the
+    memory map, cast to int64 while copying. Windows across a shard boundary are read piecewise,
+    and the split's last window is padded (inputs ``pad_id``, labels -100).
+    """
+    T = seq_len
+    B = len(samples)
+    inputs = np.empty((B, T), dtype=np.int64)  # (B, T)
+    labels = np.empty((B, T), dtype=np.int64)  # (B, T)
+    if B == 0:
+        return inputs, labels
+    n = stream.num_tokens
+    starts = np.asarray(samples, dtype=np.int64) * T
+    shard = np.searchsorted(stream.cum, starts, side="right") - 1
+    cum = stream._cum_list
+    toks = stream._tokens
+    for r, (s, k) in enumerate(zip(starts.tolist(), shard.tolist())):
+        e = s + T + 1
+        if e <= cum[k + 1]:  # the common case: one shard, no padding
+            src = toks[k]
+            a = s - cum[k]
+            inputs[r] = src[a : a + T]
+            labels[r] = src[a + 1 : a + T + 1]
+            continue
+        w = stream.read(s, min(e, n))
+        m = len(w)  # real tokens of this window (< T + 1 only for the split's last window)
+        inputs[r, : min(m, T)] = w[:T]
+        inputs[r, m:] = pad_id
+        labels[r, : m - 1] = w[1:]
+        labels[r, max(m - 1, 0) :] = IGNORE
+    return inputs, labels
+
+
+# --------------------------------------------------------------------------- BERT
+
+
+@dataclass
+class BertSamples:
+    """The static sample table of a BERT split (one entry per sample, all int64 arrays)."""
+
+    start: np.ndarray  # global token position of the sample's first token
+    length: np.ndarray  # tokens of A and B together (<= seq_len - 3)
+    a_len: np.ndarray  # tokens of segment A
+    doc: np.ndarray  # global document index (for NSP: "another document")
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def bert_samples(shards: Sequence[ShardView], cum: np.ndarray, *, seq_len: int, seed: int) -> BertSamples:
+    """Greedy sentence packing of every document into samples of at most ``seq_len - 3`` tokens.
+
+    One pass over the sentence lengths (Python ints; about a microsecond per sentence), done once
+    when the loader is built. The A/B boundary of each sample is drawn from the seed.
+    """
+    cap = seq_len - 3
+    starts: list[int] = []
+    lengths: list[int] = []
+    docs: list[int] = []
+    nb: list[int] = []  # internal sentence boundaries per sample
+    bounds: list[int] = []  # flat: offsets (within the sample) of those boundaries
+    doc_id = 0
+    for k, sh in enumerate(shards):
+        if sh.sentence_lengths is None:
+            raise ValueError(f"{sh.path} has no sentence_lengths column")
+        base = int(cum[k])
+        sl = sh.sentence_lengths.tolist()
+        so = sh.sentence_offsets.tolist()
+        do = sh.doc_offsets.tolist()
+        for d in range(len(do) - 1):
+            pos = base + do[d]
+            cur_start, cur_len, cur_b = pos, 0, []
+            for s in sl[so[d] : so[d + 1]]:
+                if cur_len + s <= cap:
+                    if cur_len:
+                        cur_b.append(cur_len)
+                    cur_len += s
+                    pos += s
+                    continue
+                if cur_len:  # close the current sample, the sentence starts a new one
+                    starts.append(cur_start); lengths.append(cur_len); docs.append(doc_id)
+                    nb.append(len(cur_b)); bounds.extend(cur_b)
+                    cur_start, cur_len, cur_b = pos, 0, []
+                while s > cap:  # a sentence longer than a sample: cut into full pieces
+                    starts.append(pos); lengths.append(cap); docs.append(doc_id); nb.append(0)
+                    pos += cap
+                    s -= cap
+                cur_start, cur_len = pos, s
+                pos += s
+            if cur_len:
+                starts.append(cur_start); lengths.append(cur_len); docs.append(doc_id)
+                nb.append(len(cur_b)); bounds.extend(cur_b)
+            doc_id += 1
+    length = np.array(lengths, dtype=np.int64)
+    nbs = np.array(nb, dtype=np.int64)
+    flat = np.array(bounds, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x41425350])))  # "ABSP"
+    pick = np.floor(rng.random(len(length)) * np.maximum(nbs, 1)).astype(np.int64)
+    first = np.zeros(len(nbs), dtype=np.int64)
+    if len(nbs) > 1:
+        np.cumsum(nbs[:-1], out=first[1:])
+    has_b = nbs > 0
+    a_len = np.where(length >= 2, length // 2, length)  # one sentence: cut it in the middle
+    if has_b.any():
+        a_len[has_b] = flat[first[has_b] + pick[has_b]]
+    return BertSamples(np.array(starts, dtype=np.int64), length, a_len, np.array(docs, dtype=np.int64))
+
+
+@dataclass
+class MaskSpec:
+    seq_len: int
+    vocab_size: int
+    mlm_probability: float
+    nsp: bool
+    pad_id: int
+    mask_id: int
+    cls_id: int
+    sep_id: int
+
+    @property
+    def random_low(self) -> int:
+        """Random replacements are drawn from [random_low, vocab_size): never a special token."""
+        return max(self.pad_id, self.mask_id, self.cls_id, self.sep_id) + 1
+
+
+def sample_rng(seed: int, tag: int, key: int) -> np.random.Generator:
+    """A generator that depends only on (seed, tag, key): the same on every rank and every run."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, tag, key])))
+
+
+def bert_batch(
+    stream: TokenStream,
+    table: BertSamples,
+    samples: np.ndarray,
+    rngs: Sequence[np.random.Generator],
+    spec: MaskSpec,
+) -> dict[str, np.ndarray]:
+    """Masked-LM (+NSP) arrays for these sample indices; ``rngs[r]`` drives row r's randomness."""
+    B, T = len(samples), spec.seq_len
+    ids = np.full((B, T), spec.pad_id, dtype=np.int64)  # (B, T)
+    tti = np.zeros((B, T), dtype=np.int64)
+    att = np.zeros((B, T), dtype=np.int64)
+    nsp_label = np.zeros(B, dtype=np.int64)
+    u_select = np.empty((B, T))
+    u_kind = np.empty((B, T))
+    rand_tok = np.empty((B, T), dtype=np.int64)
+    cap = T - 3
+    S = len(table)
+    for r, j in enumerate(np.asarray(samples).tolist()):
+        rng = rngs[r]
+        st, ln, al = int(table.start[j]), int(table.length[j]), int(table.a_len[j])
+        a = stream.read(st, st + al)
+        b = stream.read(st + al, st + ln)
+        if spec.nsp and rng.random() < 0.5:
+            doc = table.doc[j]
+            for _ in range(16):  # another document; ≥ 2 documents are checked when the loader is built
+                o = int(rng.integers(S))
+                if table.doc[o] != doc:
+                    break
+            ost, oln = int(table.start[o]), int(table.length[o])
+            b = stream.read(ost, ost + min(oln, cap - al))
+            nsp_label[r] = 1
+        na, nb_ = len(a), len(b)
+        ids[r, 0] = spec.cls_id
+        ids[r, 1 : 1 + na] = a
+        ids[r, 1 + na] = spec.sep_id
+        ids[r, 2 + na : 2 + na + nb_] = b
+        ids[r, 2 + na + nb_] = spec.sep_id
+        tti[r, 2 + na : 3 + na + nb_] = 1
+        att[r, : 3 + na + nb_] = 1
+        u_select[r] = rng.random(T)
+        u_kind[r] = rng.random(T)
+        rand_tok[r] = rng.integers(spec.random_low, spec.vocab_size, size=T)
+    special = (ids == spec.pad_id) | (ids == spec.cls_id) | (ids == spec.sep_id) | (ids == spec.mask_id)
+    selected = (u_select < spec.mlm_probability) & (att == 1) & ~special
+    labels = np.where(selected, ids, IGNORE)
+    to_mask = selected & (u_kind < 0.8)
+    to_rand = selected & (u_kind >= 0.8) & (u_kind < 0.9)
+    ids = np.where(to_mask, spec.mask_id, np.where(to_rand, rand_tok, ids))
+    out = {"input_ids": ids, "token_type_ids": tti, "attention_mask": att, "labels": labels}
+    if spec.nsp:
+        out["next_sentence_label"] = nsp_label
+    return out
+
+
+def ignore_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """Make these rows contribute nothing to a loss (used to fill the last evaluation batch)."""
+    if not len(rows):
+        return
+    batch["labels"][rows] = IGNORE
+    if "next_sentence_label" in batch:
+        batch["next_sentence_label"][rows] = IGNORE
