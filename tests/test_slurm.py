@@ -1,0 +1,265 @@
+"""A real one-node SLURM cluster (munged + slurmctld + slurmd from Debian's slurm-wlm) built in a
+temporary folder, and real jobs submitted to it with sbatch/srun: the distributed rank discovery under
+srun, slurm/train.sbatch end to end, and preemption -> checkpoint -> `scontrol requeue` -> resume.
+
+The cluster: NodeName=localhost (CPUs=2) in one partition, munge with its own key and socket, every
+state/spool/log/pid path and both ports private to this test, SLURM_CONF pointing at the generated
+slurm.conf (given to every client command and inherited by the jobs). Needs root (the daemons run as
+SlurmUser=root) and the binaries; CI installs them (`apt-get install slurm-wlm munge`, see .ci/run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
+
+pytestmark = pytest.mark.slurm
+
+_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
+
+
+def _missing_reason() -> Optional[str]:
+    missing = [b for b in _BINARIES if shutil.which(b) is None]
+    if missing:
+        return (f"SLURM test cluster needs {', '.join(missing)} (install as root: "
+                f"apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        return "SLURM test cluster needs root (slurmd launches jobs as SlurmUser=root)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    env: dict
+    procs: dict = field(default_factory=dict)  # name -> Popen
+
+    def cmd(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        p = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"`{' '.join(args)}` exited {p.returncode}: {p.stderr.strip()}\n{self.logs()}")
+        return p
+
+    def sbatch(self, script: Path, *args: str, options: tuple = (), env: Optional[dict] = None) -> int:
+        p = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script), *args],
+            env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60,
+        )
+        assert p.returncode == 0, f"sbatch failed ({p.returncode}): {p.stderr}\n{self.logs()}"
+        return int(p.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, ...)."""
+        out = self.cmd("scontrol", "show", "job", "-o", str(job_id)).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def wait_job(self, job_id: int, states: tuple[str, ...], *, timeout: float, log: Optional[Path] = None) -> dict:
+        deadline = time.monotonic() + timeout
+        info: dict = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(0.5)
+        text = log.read_text() if log and log.exists() else "(no job log)"
+        raise AssertionError(
+            f"job {job_id} not in {states} after {timeout}s: {info.get('JobState')} "
+            f"({info.get('Reason')})\n--- job log ---\n{text[-6000:]}\n{self.logs()}"
+        )
+
+    def logs(self, tail: int = 2500) -> str:
+        parts = []
+        for name in ("munged.log", "slurmctld.log", "slurmd.log"):
+            f = self.root / "log" / name
+            if f.exists():
+                parts.append(f"--- {name} ---\n{f.read_text(errors='replace')[-tail:]}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        # Cancel what still runs so no job outlives its cluster, then stop the daemons we started.
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True, timeout=30)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                q = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, timeout=30)
+                if q.returncode != 0 or not q.stdout.strip():
+                    break
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _slurm_conf(root: Path, *, ctld_port: int, slurmd_port: int) -> str:
+    # Kept as small as Slurm 22.05/23.x allow: no cgroups (proctrack/linuxproc, task/none), no
+    # accounting; the node's CPUs/memory are taken as configured (config_overrides) so the test does
+    # not depend on the machine's size. cred_expire also sets how long a requeued job waits before it
+    # may start again (default 120 s); the scheduler runs every second instead of every minute.
+    return textwrap.dedent(f"""\
+        ClusterName=llmscaletest
+        SlurmctldHost=localhost(127.0.0.1)
+        SlurmctldPort={ctld_port}
+        SlurmdPort={slurmd_port}
+        SlurmUser=root
+        SlurmdUser=root
+        AuthType=auth/munge
+        CredType=cred/munge
+        AuthInfo=socket={root}/munge/munge.sock,cred_expire=5
+        StateSaveLocation={root}/state
+        SlurmdSpoolDir={root}/spool
+        SlurmctldPidFile={root}/run/slurmctld.pid
+        SlurmdPidFile={root}/run/slurmd.pid
+        SlurmctldLogFile={root}/log/slurmctld.log
+        SlurmdLogFile={root}/log/slurmd.log
+        SlurmctldDebug=info
+        SlurmdDebug=info
+        MailProg=/bin/true
+        ProctrackType=proctrack/linuxproc
+        TaskPlugin=task/none
+        SelectType=select/cons_tres
+        SelectTypeParameters=CR_CPU
+        SchedulerType=sched/backfill
+        SchedulerParameters=sched_interval=1,bf_interval=1
+        MpiDefault=none
+        SwitchType=switch/none
+        JobAcctGatherType=jobacct_gather/none
+        AccountingStorageType=accounting_storage/none
+        JobCompType=jobcomp/none
+        SlurmdParameters=config_overrides
+        ReturnToService=2
+        JobRequeue=1
+        KillWait=20
+        MinJobAge=3600
+        InactiveLimit=0
+        NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
+        PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+        """)
+
+
+def _start(cluster: SlurmCluster, name: str, args: list[str]) -> None:
+    out = open(cluster.root / "log" / f"{name}.out", "w")
+    cluster.procs[name] = subprocess.Popen(args, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = _missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # Short path: the munge socket path must stay under the 108-byte limit of unix sockets.
+    root = Path(tempfile.mkdtemp(prefix="llmscale-slurm-"))
+    for d in ("munge", "state", "spool", "log", "run", "jobs"):
+        (root / d).mkdir()
+    (root / "munge").chmod(0o755)
+    key = root / "munge" / "munge.key"
+    if shutil.which("mungekey"):
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
+    else:
+        key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    conf = root / "slurm.conf"
+    conf.write_text(_slurm_conf(root, ctld_port=_free_port(), slurmd_port=_free_port()))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+        del env[k]  # a surrounding real SLURM job must not leak into the test cluster's jobs
+    cluster = SlurmCluster(root=root, env=env)
+    try:
+        _start(cluster, "munged", [
+            "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={root}/munge/munge.sock",
+            f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
+            f"--seed-file={root}/munge/munged.seed",
+        ])
+        deadline = time.monotonic() + 20
+        while not (root / "munge" / "munge.sock").exists():
+            assert cluster.procs["munged"].poll() is None and time.monotonic() < deadline, \
+                f"munged did not start:\n{(root / 'log' / 'munged.out').read_text()}\n{cluster.logs()}"
+            time.sleep(0.1)
+        _start(cluster, "slurmctld", ["slurmctld", "-D", "-i"])
+        _start(cluster, "slurmd", ["slurmd", "-D", "-N", "localhost"])
+        deadline = time.monotonic() + 60
+        state = ""
+        while time.monotonic() < deadline:
+            for name, p in cluster.procs.items():
+                assert p.poll() is None, (
+                    f"{name} exited with {p.returncode}:\n{(root / 'log' / f'{name}.out').read_text()[-3000:]}\n"
+                    f"{cluster.logs()}")
+            q = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], env=env, capture_output=True,
+                               text=True, timeout=30)
+            state = q.stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"node not idle after 60 s (sinfo: {state!r})\n{cluster.logs()}")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- tests
+
+_ALLREDUCE = textwrap.dedent("""\
+    import os, sys, torch, torch.distributed as dist
+    from llmscale.dist import discover_world, init_distributed, shutdown
+    world = discover_world()
+    init_distributed(world, backend="gloo")
+    t = torch.tensor([float(world.rank + 1)])
+    dist.all_reduce(t)
+    print(f"rank={world.rank} world_size={world.world_size} local_rank={world.local_rank} "
+          f"master={world.master_addr}:{world.master_port} sum={t.item()}", flush=True)
+    shutdown()
+    """)
+
+
+def test_srun_tasks_find_their_ranks(slurm_cluster, tmp_path):
+    """Two srun tasks discover rank/world from SLURM_* alone and complete a gloo all_reduce."""
+    script = tmp_path / "allreduce.py"
+    script.write_text(_ALLREDUCE)
+    job = tmp_path / "job.sh"
+    job.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        unset RANK WORLD_SIZE LOCAL_RANK
+        export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+        srun --ntasks=2 {sys.executable} {script}
+        """))
+    log = tmp_path / "job.out"
+    jid = slurm_cluster.sbatch(job, options=("--ntasks=2", f"--output={log}", f"--chdir={tmp_path}"),
+                               env={"OMP_NUM_THREADS": "1"})
+    info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    lines = sorted(re.findall(r"rank=\d .*", text))
+    assert len(lines) == 2, text
+    for r, line in enumerate(lines):
+        assert line.startswith(f"rank={r} world_size=2 local_rank={r} master=localhost:"), line
+        assert line.endswith("sum=3.0"), line
