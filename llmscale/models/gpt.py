@@ -1,0 +1,163 @@
+"""Decoder-only causal language model: GPT-2 and Llama style from one configurable class.
+
+    token embedding (+ learned positions) -> dropout -> N pre-norm blocks -> final norm -> LM head
+
+GPT-2: LayerNorm, learned positions, tanh-GELU, biases, tied head. Llama: RMSNorm, RoPE, SwiGLU, GQA, no
+biases, untied head. Any mix is allowed by ModelConfig. State-dict names:
+
+    tok_embed.weight                      (V, C)
+    pos_embed.weight                      (max_seq_len, C)      learned positions only
+    blocks.{i}.attn_norm.{weight,bias}
+    blocks.{i}.attn.{q,k,v,o}_proj.{weight,bias}
+    blocks.{i}.mlp_norm.{weight,bias}
+    blocks.{i}.mlp.{gate,up,down}_proj.{weight,bias}             gate only for SwiGLU
+    final_norm.{weight,bias}
+    lm_head.weight                        (V, C)                untied only; tied: tok_embed.weight
+(biases absent when ``bias=false``; RMSNorm has no bias.)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmscale.models import flops as _flops
+from llmscale.models.layers import (
+    Block, KVCache, ModelOutput, count_params, init_weights, lm_loss, make_norm, new_kv_cache, run_block,
+)
+from llmscale.models.pipeline import LayerDef
+
+
+def _first(inputs: Any) -> torch.Tensor:
+    return inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+
+
+class GPT(nn.Module):
+    """Causal LM. ``cfg`` must be resolved (see :func:`llmscale.models.build_model`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        V, C = cfg.vocab_size, cfg.d_model
+        self.tok_embed = nn.Embedding(V, C)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, causal=True, gelu_approximate="tanh") for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, V, bias=False)
+        init_weights(self, std=cfg.init_std, n_layers=cfg.n_layers)
+
+    # ----------------------------------------------------------------- pieces shared by forward and pipeline
+
+    def _check_len(self, T: int, start: int = 0) -> None:
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds model.max_seq_len={self.config.max_seq_len}: use a "
+                f"shorter data.seq_len / prompt, or a model with a larger max_seq_len.")
+
+    def _embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.tok_embed(input_ids)  # (B, T, C)
+        return _add_positions(self.pos_embed, x, start, self.drop.p, self.training)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(x, self.tok_embed.weight)  # (B, T, V)
+        return self.lm_head(x)
+
+    # ----------------------------------------------------------------- the contract
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        next_sentence_label: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        """input_ids (B, T); labels (B, T) aligned (labels[:, t] is the target at position t, -100 ignored);
+        attention_mask (B, T) 1 = real token, 0 = padding (keys only; positions are not shifted)."""
+        if token_type_ids is not None or next_sentence_label is not None:
+            raise ValueError("token_type_ids / next_sentence_label are BERT inputs; a GPT model takes neither.")
+        B, T = input_ids.shape
+        self._check_len(T)
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()
+        x = self._embed(input_ids)
+        ckpt = self.config.activation_checkpointing and self.training
+        for block in self.blocks:
+            x = run_block(block, x, key_mask, ckpt)
+        logits = self._logits(self.final_norm(x))
+        if labels is None:
+            return ModelOutput(logits=logits)
+        loss, n = lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss, num_targets=n)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Exact parameter count, tied weights once; ``exclude_embeddings`` drops token/position tables."""
+        return count_params(self, exclude_embeddings=exclude_embeddings)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len`` (see :mod:`llmscale.models.flops`)."""
+        return _flops.flops_per_token(self.config, seq_len)
+
+    def tp_plan(self) -> dict[str, str]:
+        return _flops.TP_PLAN
+
+    def pipeline_layers(self) -> list[LayerDef]:
+        """tok_embed (tied "embed") -> [pos_embed | embed_dropout] -> blocks.i -> final_norm -> lm_head."""
+        tie = "embed" if self.lm_head is None else None
+        p, max_len = self.drop.p, self.config.max_seq_len
+
+        def embed_fn(mod: nn.Module, inputs: Any) -> torch.Tensor:
+            ids = _first(inputs)
+            if ids.size(1) > max_len:
+                raise ValueError(f"sequence of {ids.size(1)} tokens exceeds model.max_seq_len={max_len}.")
+            return mod(ids)
+
+        layers = [LayerDef("tok_embed", self.tok_embed, "tok_embed.", tie, embed_fn)]
+        if self.pos_embed is not None:
+            layers.append(LayerDef("pos_embed", self.pos_embed, "pos_embed.", None,
+                                   lambda mod, x: _add_positions(mod, x, 0, p, mod.training)))
+        else:
+            layers.append(LayerDef("embed_dropout", self.drop, "drop.", None,
+                                   lambda mod, x: _add_positions(None, x, 0, p, mod.training)))
+        layers += [LayerDef(f"blocks.{i}", b, f"blocks.{i}.", None, None) for i, b in enumerate(self.blocks)]
+        layers.append(LayerDef("final_norm", self.final_norm, "final_norm.", None, None))
+        if self.lm_head is None:
+            layers.append(LayerDef("lm_head", self.tok_embed, "tok_embed.", "embed", lambda mod, x: F.linear(x, mod.weight)))
+        else:
+            layers.append(LayerDef("lm_head", self.lm_head, "lm_head.", None, None))
+        return layers
+
+    # ----------------------------------------------------------------- generation
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, *, device=None, dtype=None) -> KVCache:
+        """Key/value buffers for :meth:`forward_cached` (max_len defaults to model.max_seq_len)."""
+        return new_kv_cache(self, batch_size, max_len or self.config.max_seq_len, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) of ``input_ids`` continuing the ``cache.pos`` tokens already in ``cache``;
+        appends their keys/values and advances ``cache.pos``."""
+        B, T = input_ids.shape
+        start = cache.pos
+        self._check_len(T, start)
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed.")
+        x = self._embed(input_ids, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, (cache.k[i], cache.v[i]), start)
+        cache.pos = start + T
+        return self._logits(self.final_norm(x))
+
+
+def _add_positions(pos_embed: Optional[nn.Embedding], x: torch.Tensor, start: int, p: float, training: bool) -> torch.Tensor:
+    """x + learned positions start..start+T-1 (if any), then embedding dropout."""
+    if pos_embed is not None:
+        pos = torch.arange(start, start + x.size(1), device=x.device)
+        x = x + pos_embed(pos)  # (B, T, C) + (T, C)
+    return F.dropout(x, p, training) if p > 0 else x
