@@ -10,7 +10,9 @@ Pipeline (one process):
 * the main thread encodes a whole batch with SentencePiece's own C++ thread pool
   (``num_threads=num_proc``, numpy output: no per-token Python objects; SentencePiece releases the
   GIL, so reading the next batch overlaps encoding) and hands documents to a
-  :class:`~llmscale.data.shards.ShardWriter` per split.
+  :class:`~llmscale.data.shards.ShardWriter` per split. Documents longer than ``ENCODE_CHARS`` are
+  encoded in pieces cut at line ends (SentencePiece's BPE gets slower per character on long inputs:
+  a whole book encodes at half the speed of its 8k-character pieces); the row is their concatenation.
 
 Train/validation is decided BY DOCUMENT from a keyed hash of the document's text (seed = key): it
 does not depend on file order, ``num_proc`` or batch size, and duplicated documents land in the
@@ -57,6 +59,7 @@ from llmscale.data.sources import (
     DOC_SPLITS,
     Document,
     PrepareError,
+    _cut_point,
     ReadStats,
     iter_document_records,
     resolve_inputs,
@@ -161,43 +164,60 @@ def _check_output(output: Path, *, overwrite: bool, tokenizer_hash: Optional[str
 # --------------------------------------------------------------------------- reading thread
 
 
+ENCODE_CHARS = 8192  # SentencePiece's BPE slows down on long inputs: documents are encoded in pieces this long
+
+
+def _segments(text: str, limit: int = ENCODE_CHARS) -> list[str]:
+    """Cut text into consecutive pieces of at most ``limit`` characters at line (else space) ends."""
+    if len(text) <= limit:
+        return [text]
+    out = []
+    while len(text) > limit:
+        cut = _cut_point(text, limit)
+        out.append(text[:cut])
+        text = text[cut:]
+    if text:
+        out.append(text)
+    return out
+
+
 class _Batch:
-    __slots__ = ("docs", "nbytes", "scores", "sentences")
+    __slots__ = ("parts", "nchars", "nbytes", "scores", "segments")
 
     def __init__(self) -> None:
-        self.docs: list[Document] = []
+        self.parts: list[int] = []  # Document.part: > 0 for continuation pieces of a long document
+        self.nchars: list[int] = []
         self.nbytes: list[int] = []
         self.scores: list[float] = []
-        self.sentences: Optional[list[list[str]]] = None
+        self.segments: list[list[str]] = []  # per document: the texts encoded separately (BERT: sentences)
 
 
 def _batches(docs: Iterator[Document], *, batch_chars: int, key: bytes, bert: bool) -> Iterator[_Batch]:
     b = _Batch()
-    if bert:
-        b.sentences = []
     size = 0
     for d in docs:
         raw = d.text.encode("utf-8")
-        b.docs.append(d)
+        b.parts.append(d.part)
+        b.nchars.append(len(d.text))
         b.nbytes.append(len(raw))
         b.scores.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=key).digest(), "little") / 2.0**64)
         if bert:
-            b.sentences.append(split_sentences(d.text))
+            b.segments.append([seg for s in split_sentences(d.text) for seg in _segments(s)])
+        else:
+            b.segments.append(_segments(d.text))
         size += len(d.text)
         if size >= batch_chars:
             yield b
             b = _Batch()
-            if bert:
-                b.sentences = []
             size = 0
-    if b.docs:
+    if b.parts:
         yield b
 
 
 _DONE = object()
 
 
-def _background(gen: Iterator, depth: int = 4) -> Iterator:
+def _background(gen: Iterator, depth: int = 2) -> Iterator:
     """Run a generator in a thread, ``depth`` items ahead; its exceptions re-raise here."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -383,20 +403,20 @@ def _tokenize_into(
         c["num_bytes"] += nbytes
 
     for b in progress(batches, desc="prepare", unit="batch"):
-        if bert:
-            flat = [s for sents in b.sentences for s in sents]
-            enc = sp.encode(flat, out_type="numpy", num_threads=num_proc)
-            per_doc, i = [], 0
-            for sents in b.sentences:
-                parts = enc[i : i + len(sents)]
-                i += len(sents)
+        flat = [seg for segs in b.segments for seg in segs]
+        enc = sp.encode(flat, out_type="numpy", num_threads=num_proc)
+        per_doc, i = [], 0
+        for segs in b.segments:
+            k = len(segs)
+            if bert:
+                parts = enc[i : i + k]
                 per_doc.append((np.concatenate(parts), [int(p.size) for p in parts]))
-        else:
-            enc = sp.encode([d.text for d in b.docs], out_type="numpy", num_threads=num_proc)
-            per_doc = [(np.concatenate((e, eos)), None) for e in enc]
-        for d, (ids, sl), nbytes, score in zip(b.docs, per_doc, b.nbytes, b.scores):
-            chars += len(d.text)
-            if d.part == 0:
+            else:
+                per_doc.append((np.concatenate((*enc[i : i + k], eos)), None))
+            i += k
+        for part, (ids, sl), nchars, nbytes, score in zip(b.parts, per_doc, b.nchars, b.nbytes, b.scores):
+            chars += nchars
+            if part == 0:
                 last_split = "val" if score < val_fraction else "train"
             split = last_split
             if split == "train":
