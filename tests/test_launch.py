@@ -1,0 +1,140 @@
+"""Workstation launchers (launch/torchrun.sh, launch/accelerate.sh + accelerate_config.yaml) run real
+2-process jobs, and llmscale.dist.discover_world reads every launcher's environment layout."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmscale.dist import World, _first_host, discover_world
+from llmscale.testing import cpu_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- discover_world layouts
+
+
+def test_torchrun_single_node():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611"}
+    assert discover_world(env) == World(rank=1, world_size=2, local_rank=1, local_world_size=2, node_rank=0,
+                                        master_addr="127.0.0.1", master_port=29611)
+
+
+def test_torchrun_second_node_of_two():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+    w = discover_world(env)
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size, w.node_rank) == (5, 8, 1, 4, 1)
+    assert (w.master_addr, w.master_port) == ("10.0.0.1", 29500)
+    assert w.distributed and not w.is_main
+
+
+def test_accelerate_layout():
+    # What `accelerate launch` (MULTI_GPU, via torch.distributed.run) puts into each rank's environment.
+    env = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO", "RANK": "0",
+           "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "ROLE_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "41235", "TORCHELASTIC_RUN_ID": "none"}
+    w = discover_world(env)
+    assert w == World(rank=0, world_size=2, local_rank=0, local_world_size=2, node_rank=0,
+                      master_addr="127.0.0.1", master_port=41235)
+    assert w.is_main
+
+
+def test_slurm_task_per_gpu_layout():
+    # srun --nodes=2 --ntasks-per-node=4: task 6 is the 3rd task on the 2nd node.
+    env = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-a[07-08]", "MASTER_ADDR": "gpu-a07",
+           "MASTER_PORT": "23456", "SLURM_JOB_ID": "3456"}
+    assert discover_world(env) == World(rank=6, world_size=8, local_rank=2, local_world_size=4, node_rank=1,
+                                        master_addr="gpu-a07", master_port=23456)
+
+
+def test_torchrun_inside_slurm_prefers_torchrun_ranks():
+    # torchrun per node inside an sbatch: SLURM_PROCID is the node's task (0), RANK is the real rank.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "1", "SLURM_NNODES": "2",
+           "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+           "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}
+    w = discover_world(env)
+    assert (w.rank, w.world_size, w.node_rank) == (3, 4, 1)
+
+
+def test_slurm_master_from_nodelist_without_scontrol(monkeypatch, tmp_path):
+    # No MASTER_ADDR and no scontrol on PATH: the fallback parser picks the first host of the list.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "node[01-04]"}
+    w = discover_world(env)
+    assert (w.master_addr, w.local_world_size, w.master_port) == ("node01", 4, 29500)
+
+
+NODELISTS = {
+    "node[01-04]": "node01",
+    "node[001-004],login1": "node001",
+    "a[7,2-3]": "a7",
+    "gpu-a[3,5-7],gpu-b1": "gpu-a3",
+    "h-1,h-2": "h-1",
+    "single": "single",
+}
+
+
+@pytest.mark.parametrize("nodelist", sorted(NODELISTS))
+def test_first_host_fallback_parser(nodelist, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # force the fallback
+    assert _first_host(nodelist) == NODELISTS[nodelist]
+
+
+def test_first_host_fallback_agrees_with_scontrol(monkeypatch, tmp_path):
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol not installed (apt-get install slurm-client) to compare the fallback with")
+    # `scontrol show hostnames` only parses; a two-line slurm.conf is enough configuration for it.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=check\nSlurmctldHost=localhost\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    for nodelist, first in NODELISTS.items():
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[0] == first, nodelist
+        assert _first_host(nodelist) == first
+
+
+# --------------------------------------------------------------------------- real launches
+
+_PROBE = textwrap.dedent("""\
+    import torch, torch.distributed as dist
+    from llmscale.dist import discover_world, init_distributed, shutdown
+    world = discover_world()
+    init_distributed(world, backend="gloo")
+    t = torch.tensor([float(world.rank + 1)])
+    dist.all_reduce(t)
+    print(f"PROBE rank={world.rank} world_size={world.world_size} local_rank={world.local_rank} "
+          f"local_world_size={world.local_world_size} node_rank={world.node_rank} sum={t.item()}", flush=True)
+    shutdown()
+    """)
+
+
+def _check_probe(out: str) -> None:
+    lines = sorted(re.findall(r"PROBE .*", out))
+    assert len(lines) == 2, out
+    for r, line in enumerate(lines):
+        assert line == (f"PROBE rank={r} world_size=2 local_rank={r} local_world_size=2 node_rank=0 sum=3.0"), line
+
+
+def test_accelerate_config_launches_two_ranks(tmp_path):
+    """accelerate launch with launch/accelerate_config.yaml gives ranks that discover_world understands."""
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    p = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate_config.yaml"),
+         str(script)],
+        env=cpu_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    _check_probe(p.stdout)
