@@ -12,7 +12,9 @@ everything else. Training sees documents with their newlines (cut at line ends i
 most ``max_sentence_bytes``), so ``\\n`` is an ordinary piece, not a byte.
 
 Fixed ids: pad=0 ``<pad>``, unk=1 ``<unk>``, bos=2 ``<s>``, eos=3 ``</s>``, cls=4 ``<cls>``,
-sep=5 ``<sep>``, mask=6 ``<mask>``, then the 256 byte pieces, then the learned pieces.
+sep=5 ``<sep>``, mask=6 ``<mask>``, then the 256 byte pieces, then the learned pieces. The special
+pieces are SentencePiece *control* symbols: encoding never produces them (the text ``<mask>`` in a
+document is spelled as ordinary pieces), collators insert them by id, and decode drops them.
 
 Folder: ``tokenizer.model``, ``tokenizer.vocab`` (piece<TAB>score), ``tokenizer_meta.json``. The
 hash (sha256 of ``tokenizer.model``) is recorded by every dataset and checkpoint.
@@ -209,10 +211,11 @@ def _explain(err: str, *, vocab_size: int, model_type: str, coverage: float) -> 
     if m:
         need = int(m.group(2))
         suggest = 1 << (need - 1).bit_length()
+        lower = 0.995 if coverage > 0.995 else round(max(coverage - 0.02, 0.5), 3)
         return (f"--vocab-size {vocab_size} is too small for this corpus: its characters at "
                 f"character_coverage={coverage} alone need {need} pieces (with the {NUM_SPECIAL} special and "
                 f"{NUM_BYTES} byte pieces). Pass --vocab-size {suggest} or more, or lower --character-coverage "
-                f"(e.g. 0.995: rarer characters are then spelled with byte pieces).")
+                f"(e.g. {lower}: rarer characters are then spelled with byte pieces).")
     m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", err)
     if m:
         return (f"--vocab-size {vocab_size} is too large for this corpus: SentencePiece can learn at most "
@@ -299,7 +302,9 @@ def train_tokenizer(
         shuffle_input_sentence=False,
         pad_id=SPECIAL_IDS["pad"], unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"],
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        user_defined_symbols=[SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["mask"]],
+        # control symbols, not user-defined ones: the text "<mask>" in a document stays text and never
+        # becomes the mask id (user-defined symbols are matched inside the input).
+        control_symbols=[SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["mask"]],
         hard_vocab_limit=model_type != "char",
         num_threads=threads,
         minloglevel=2,
