@@ -1,0 +1,217 @@
+"""The training loop. It stays short by leaving the work to the modules around it:
+
+* the loader serves this rank's micro-batches of the next global batch (:mod:`llmscale.data.loader`);
+* the engine runs the optimizer step on DeepSpeed and reports loss, gradient norm, lr and timings
+  (:mod:`llmscale.engine`);
+* metric sinks write the console line, ``metrics.jsonl`` and TensorBoard (:mod:`llmscale.metrics`);
+* the checkpoint manager saves and resumes everything with ``state_dict()`` (:mod:`llmscale.checkpoint`);
+* a preemption request (signal) is a flag the loop reads at a step boundary (:mod:`llmscale.signals`).
+
+    trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics,
+                      flops_per_token=model.flops_per_token(cfg.data.seq_len))
+    summary = trainer.fit()      # {"step": ..., "val_loss": ..., ...}
+
+Validation reports loss (nats per target token), perplexity and bits per byte. Bits per byte compare
+across tokenizers: total nats over the val targets / ln 2 / the UTF-8 bytes of those targets' text, where
+the bytes per token come from the dataset manifest (``splits.val.num_bytes / num_tokens``). A val split of
+at most :data:`FULL_EVAL_TOKENS` tokens is evaluated whole (exact numbers); a larger one on
+``train.eval_batches`` micro-batches per rank, always the same ones.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from llmscale.log import get_logger
+from llmscale.metrics import MetricsLogger, device_peak_flops, memory_stats
+
+log = get_logger(__name__)
+
+FULL_EVAL_TOKENS = 1 << 18  # val splits up to this size are evaluated whole, every time
+
+
+@dataclass
+class TrainState:
+    """Counters that survive a restart (saved in every checkpoint)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.samples_seen = int(state["samples_seen"])
+
+
+class _Window:
+    """Sums over the steps since the last log line, averaged when it is written."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss = 0.0
+        self.loss_steps = 0
+        self.grad_norm: Optional[float] = None
+        self.skipped = 0
+        self.tokens = 0
+        self.wall = 0.0
+        self.timings: dict[str, float] = {}
+
+    def add(self, result: Any, *, tokens: int, wall: float) -> None:
+        self.steps += 1
+        if result.skipped:
+            self.skipped += 1
+        elif math.isfinite(result.loss):
+            self.loss += result.loss
+            self.loss_steps += 1
+        if result.grad_norm is not None and math.isfinite(result.grad_norm):
+            self.grad_norm = result.grad_norm  # the latest: norms are noisy, the last one is what clipping saw
+        self.tokens += tokens
+        self.wall += wall
+        for k, v in result.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
+
+
+class Trainer:
+    """Runs ``cfg.train.steps`` optimizer steps of ``engine`` on ``loader``'s batches (see module doc).
+
+    ``checkpoints``: a :class:`llmscale.checkpoint.CheckpointManager` (or None: no checkpoints).
+    ``should_stop``: a callable returning True once every rank agreed to stop (preemption); the loop then
+    saves (``force=True``) and returns early. ``flops_per_token``: training FLOPs per token for MFU."""
+
+    def __init__(self, cfg: Any, *, engine: Any, loader: Any, world: Any, metrics: MetricsLogger,
+                 flops_per_token: Optional[float] = None, checkpoints: Any = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.loader = loader
+        self.world = world
+        self.metrics = metrics
+        self.flops_per_token = flops_per_token
+        self.checkpoints = checkpoints
+        self.should_stop = should_stop
+        self.state = TrainState()
+        self.peak_flops = device_peak_flops()
+        self.seq_len = cfg.data.seq_len
+        self.global_batch = engine.plan.global_batch_size
+        self.last_eval: dict[str, Any] = {}
+
+    # ---- what a checkpoint holds besides the engine
+    def stateful(self) -> dict[str, Any]:
+        return {"trainer": self.state, "loader": self.loader}
+
+    # ---- the loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        total = cfg.steps
+        if self.checkpoints is not None:
+            resumed = self.checkpoints.resume(self.engine, self.stateful())
+            if resumed is not None:
+                log.info("resumed at step %d (%d tokens seen)", self.state.step, self.state.tokens_seen)
+        self.metrics.total_steps = total
+        if self.state.step >= total:
+            log.info("the run is already at step %d of train.steps=%d: nothing to train. Raise train.steps to continue.",
+                     self.state.step, total)
+        window = _Window()
+        stopped = False
+        t_last = time.perf_counter()
+        while self.state.step < total:
+            t0 = time.perf_counter()
+            micro_batches = self.loader.next_step()
+            t_data = time.perf_counter() - t0
+            result = self.engine.train_step(micro_batches)
+            result.timings["data"] = t_data
+            self.state.step += 1
+            self.state.samples_seen += self.global_batch
+            tokens = self.global_batch * self.seq_len
+            self.state.tokens_seen += tokens
+            now = time.perf_counter()
+            window.add(result, tokens=tokens, wall=now - t_last)
+            t_last = now
+            step = self.state.step
+            last = step == total
+            self.metrics.advance(1, loss=result.loss, lr=result.lr)
+            if step % cfg.log_every == 0 or last:
+                self._log_train(window, result.lr)
+                window.reset()
+            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                self.evaluate()
+            stop = self.should_stop() if self.should_stop is not None else False
+            if self.checkpoints is not None:
+                force = stop or (last and self.cfg.checkpoint.save_at_end)
+                self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=force)
+            t_last = time.perf_counter()  # eval and checkpoint time is not step time
+            if stop:
+                log.warning("stop requested: saved at step %d; re-run the same command to resume", step)
+                stopped = True
+                break
+        return {**self.state.state_dict(), **self.last_eval, "stopped": stopped}
+
+    def _log_train(self, w: _Window, lr: float) -> None:
+        if w.steps == 0:
+            return
+        tokens_per_s = w.tokens / max(w.wall, 1e-9)
+        rec: dict[str, Any] = {
+            "kind": "train",
+            "step": self.state.step,
+            "loss": w.loss / w.loss_steps if w.loss_steps else float("nan"),
+            "lr": lr,
+            "grad_norm": w.grad_norm,
+            "tokens_seen": self.state.tokens_seen,
+            "samples_seen": self.state.samples_seen,
+            "epoch": self.state.samples_seen / max(self.loader.samples_per_epoch, 1),
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": w.wall / w.steps,
+            "data_time_s": w.timings.get("data", 0.0) / w.steps,
+        }
+        for k in ("forward", "backward", "optimizer", "comm"):
+            rec[f"{k}_time_s"] = w.timings.get(k, 0.0) / w.steps
+        if self.flops_per_token:
+            per_device = self.flops_per_token * tokens_per_s / self.world.world_size
+            rec["tflops_per_device"] = per_device / 1e12
+            rec["mfu"] = per_device / self.peak_flops if self.peak_flops else None
+        else:
+            rec["mfu"] = None
+        rec["skipped_steps"] = w.skipped
+        rec.update(memory_stats())
+        self.metrics.log(rec)
+
+    # ---- validation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss, perplexity and bits per byte (the same numbers on every rank)."""
+        t0 = time.perf_counter()
+        full = self.loader.val_num_tokens <= FULL_EVAL_TOKENS
+        max_batches = None if full else self.cfg.train.eval_batches
+        loss_sum, n = 0.0, 0
+        for batch in self.loader.eval_batches(max_batches):
+            s, k = self.engine.eval_loss(batch)
+            loss_sum += s
+            n += k
+        if n == 0:
+            return {}
+        loss = loss_sum / n
+        val_tokens, val_bytes = self.loader.val_num_tokens, self.loader.val_num_bytes
+        bpb = None
+        if val_bytes > 0 and val_tokens > 0:
+            bpb = loss_sum / math.log(2) / (n * val_bytes / val_tokens)
+        out = {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 700.0)),
+            "val_bpb": bpb,
+            "val_tokens": n,
+            "val_full": full,
+        }
+        self.metrics.log({"kind": "val", "step": self.state.step, **out, "eval_time_s": time.perf_counter() - t0})
+        self.last_eval = out
+        return out
