@@ -263,3 +263,74 @@ def test_srun_tasks_find_their_ranks(slurm_cluster, tmp_path):
     for r, line in enumerate(lines):
         assert line.startswith(f"rank={r} world_size=2 local_rank={r} master=localhost:"), line
         assert line.endswith("sum=3.0"), line
+
+
+def _finished(info: dict) -> bool:
+    return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(slurm_cluster, corpus_path, tmp_path_factory) -> Path:
+    """A small GPT dataset made by slurm/prepare.sbatch on the test cluster (1 CPU)."""
+    root = tmp_path_factory.mktemp("slurm-data")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    out, log = root / "ds", root / "prepare.out"
+    jid = slurm_cluster.sbatch(
+        ROOT / "slurm" / "prepare.sbatch", "--input", str(corpus), "--output", str(out), "--vocab-size", "400",
+        "--seq-len", "64", "--val-fraction", "0.05",
+        options=("--cpus-per-task=1", "--mem=500M", f"--output={log}"),
+        env={"PYTHON": sys.executable, "LLMSCALE_DIR": str(ROOT)},
+    )
+    info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), timeout=120, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "--num-proc 1" in text, text  # SLURM_CPUS_PER_TASK became the tokenizer's thread count
+    assert (out / "manifest.json").is_file(), text
+    return out
+
+
+def _tiny_config(path: Path, *, dataset: Path, run_dir: Path, steps: int, every_steps: int = 0) -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        run_dir: {run_dir}
+        data: {{path: {dataset}, seq_len: 64}}
+        model: {{n_layers: 2, d_model: 64, n_heads: 4, max_seq_len: 64}}
+        optim: {{lr: 1.0e-3, warmup_steps: 5}}
+        parallel: {{micro_batch_size: 4, global_batch_size: 8}}
+        train: {{steps: {steps}, log_every: 5, eval_every: 0, eval_batches: 2, tensorboard: false}}
+        checkpoint: {{every_steps: {every_steps}}}
+        """))
+    return path
+
+
+# CPU node: two tasks of one CPU each, no GPUs (the sbatch defaults are 8 GPUs per node).
+_CPU_JOB = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1")
+
+
+def _records(run_dir: Path, kind: str = "train") -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [r for r in map(json.loads, f.read_text().splitlines()) if r.get("kind") == kind]
+
+
+def test_train_sbatch_runs_two_ranks(slurm_cluster, tiny_dataset, tmp_path):
+    """slurm/train.sbatch as submitted by a user: srun starts 2 ranks that train to the end."""
+    run_dir = tmp_path / "run"
+    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=20)
+    log = tmp_path / "train.out"
+    jid = slurm_cluster.sbatch(
+        TRAIN_SBATCH, str(cfg), "train.eval_every=10",
+        options=(*_CPU_JOB, f"--output={log}"),
+        env={"PYTHON": sys.executable, "LLMSCALE_DIR": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "procs/node=2" in text and "accelerator=cpu" in text and "dp=2" in text, text
+    assert "training step exited with code 0" in text, text
+    steps = [r["step"] for r in _records(run_dir)]
+    assert steps and steps[-1] == 20, steps
+    assert [r["step"] for r in _records(run_dir, "val")] == [10, 20]  # the override reached the trainer
+    assert (run_dir / "final" / "model.pt").is_file()
+    assert info["Restarts"] == "0"
