@@ -1,0 +1,49 @@
+"""``llmscale export SOURCE OUT``: write a model as a Hugging Face transformers folder (and llmscale model folder).
+
+    llmscale export runs/gpt/ exported/                 # a finished run (RUN_DIR/final/model.pt + tokenizer)
+    llmscale export exported/ copy/ --dtype bf16        # any model folder again, e.g. in bf16
+
+OUT then loads offline with ``AutoModelForCausalLM`` (GPT-2 style -> GPT2LMHeadModel, RoPE/RMSNorm/SwiGLU ->
+LlamaForCausalLM) or ``AutoModelForMaskedLM`` (BERT; with the NSP head it is a BertForPreTraining folder) and
+``AutoTokenizer``; ``llmscale generate OUT`` and ``llmscale import`` read it too. A model no transformers
+class computes exactly is refused (ExportError names what differs). See :mod:`llmscale.models.hf`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="Model folder (llmscale export/import output) or finished run directory.")
+    p.add_argument("output", help="Folder to write (must not exist or be empty unless --overwrite).")
+    p.add_argument("--tokenizer", default=None,
+                   help="llmscale tokenizer folder to include (default: the one SOURCE carries).")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="Cast the weights (default: as stored).")
+    p.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmscale.jobs.generate import load_model_source
+    from llmscale.models.hf import export_model, hf_architecture
+
+    model, cfg, tok_dir = load_model_source(args.source)
+    arch = hf_architecture(cfg)  # refuse before anything is written
+    tokenizer = args.tokenizer or tok_dir
+    if tokenizer is None:
+        log.warning("%s carries no llmscale tokenizer and --tokenizer was not given: %s gets weights and configs "
+                    "only (AutoTokenizer will not load it)", args.source, args.output)
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    out = export_model(model, cfg, tokenizer, args.output, overwrite=args.overwrite, dtype=dtype)
+    print(json.dumps({"output": str(out), "architecture": arch, "family": cfg.family,
+                      "num_params": model.num_params(), "tokenizer": str(tokenizer) if tokenizer else None}, indent=2))
+    return 0
