@@ -391,6 +391,7 @@ def _tokenize_into(
     batches = _background(_batches(docs, batch_chars=batch_chars, key=key, bert=bert))
     sp = tok.sp
     held: Optional[tuple] = None
+    n_docs = 0  # documents (not rows: a long document is several rows)
     last_split = "train"
     t_start = time.time()
     chars = 0
@@ -419,18 +420,19 @@ def _tokenize_into(
             if part == 0:
                 last_split = "val" if score < val_fraction else "train"
             split = last_split
+            n_docs += part == 0
             if split == "train":
                 if held is not None:
                     write("train", *held)
                     held = None
-                if val_fraction > 0 and counts["val"]["num_documents"] == 0:
-                    # Keep the newest train row back while val is empty: if it stays empty, that row becomes val.
+                if val_fraction > 0 and counts["val"]["num_documents"] == 0 and part == 0:
+                    # Keep the newest train document back while val is empty: if val stays empty, it
+                    # becomes val. Only whole documents: a continuation piece (part > 0) releases it.
                     held = (ids, sl, nbytes)
                     continue
             write(split, ids, sl, nbytes)
     if held is not None:
-        n_rows = counts["train"]["num_documents"] + counts["val"]["num_documents"] + 1
-        write("val" if counts["val"]["num_documents"] == 0 and n_rows >= 2 else "train", *held)
+        write("val" if counts["val"]["num_documents"] == 0 and n_docs >= 2 else "train", *held)
     dt = time.time() - t_start
     shards = {s: w.close() for s, w in writers.items()}
     n_written = counts["train"]["num_documents"] + counts["val"]["num_documents"]
@@ -452,8 +454,8 @@ def _tokenize_into(
         log.warning("the validation split has %d tokens, less than one sequence of %d: validation will use a short "
                     "window. Raise --val-fraction for a bigger validation split.", counts["val"]["num_tokens"], seq_len + 1)
     if val_fraction > 0 and counts["val"]["num_documents"] == 0:
-        log.warning("only one document was written, so there is no validation split; give more documents "
-                    "(e.g. --doc-split paragraph) to get one.")
+        log.warning("no validation split: %d document(s) written, none picked for validation. Give more documents "
+                    "(e.g. --doc-split paragraph) or raise --val-fraction.", n_docs)
     return {
         "kind": format,
         "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "path": "tokenizer", "model_type": tok.model_type},
