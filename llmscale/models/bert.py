@@ -37,6 +37,11 @@ def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return attention_mask.bool()
 
 
+def _add_bias(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Decoder bias in the matmul's dtype: under bf16 autocast the (B, T, V) logits stay bf16."""
+    return z + bias.to(z.dtype)
+
+
 class _Embeddings(nn.Module):
     """Positions and token types added to the word embeddings, then (post-norm) LayerNorm and dropout."""
 
@@ -138,7 +143,7 @@ class BERT(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         t = self.mlm_head.transform(x)
-        logits = F.linear(t, self._decoder_weight()) + self.mlm_head.decoder.bias  # (B, T, V)
+        logits = _add_bias(F.linear(t, self._decoder_weight()), self.mlm_head.decoder.bias)  # (B, T, V)
         nsp_logits = self.nsp_head(x[:, 0]) if self.nsp_head is not None else None
         out = ModelOutput(logits=logits, nsp_logits=nsp_logits)
         if labels is not None:
@@ -216,8 +221,8 @@ class BERT(nn.Module):
             layers.append(LayerDef("mlm_decoder", self.tok_embed, "tok_embed.", "embed",
                                    on_first(lambda mod, t: F.linear(t, mod.weight))))
             layers.append(LayerDef("mlm_bias", self.mlm_head.decoder, "mlm_head.decoder.", None,
-                                   on_first(lambda mod, z: z + mod.bias)))
+                                   on_first(lambda mod, z: _add_bias(z, mod.bias))))
         else:
             layers.append(LayerDef("mlm_decoder", self.mlm_head.decoder, "mlm_head.decoder.", None,
-                                   on_first(lambda mod, t: F.linear(t, mod.weight) + mod.bias)))
+                                   on_first(lambda mod, t: _add_bias(F.linear(t, mod.weight), mod.bias))))
         return layers
