@@ -375,3 +375,18 @@ def test_models_never_import_deepspeed():
     code = ("import sys, llmscale.models, llmscale.models.gpt, llmscale.models.bert, llmscale.models.lstm, "
             "llmscale.models.generate; sys.exit(int('deepspeed' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bench_model_reports_throughput(tmp_path):
+    from llmscale.bench import model as bench
+
+    res = bench.run(presets=["gpt-tiny", "bert-tiny-cpu"], seq_len=32, batch=2, steps=2, warmup=1, device="cpu")
+    assert [r["preset"] for r in res["results"]] == ["gpt-tiny", "bert-tiny-cpu"]
+    for r in res["results"]:
+        assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 64 and r["mfu"] is None
+        assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12, rel=1e-2, abs=1e-4)
+        assert math.isfinite(r["loss"])
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and bench.peak_tflops("NVIDIA H200") == 989.4
+    with pytest.raises(ConfigError, match="unknown preset"):
+        bench.run(presets=["nope"], device="cpu")

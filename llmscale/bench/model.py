@@ -1,0 +1,245 @@
+"""`llmscale bench model`: forward+backward throughput of model presets on this machine, as JSON.
+
+For each preset: tokens per second of a training step without the optimizer (forward with labels, loss,
+backward), the achieved TFLOP/s using the model's own ``flops_per_token(seq_len)`` (6 x matmul weights +
+full-matrix attention, see :mod:`llmscale.models.flops`) and, on a CUDA GPU, the model FLOPs utilisation
+(MFU) against the GPU's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`, matched on the device name; override
+with ``--peak-tflops``).
+
+Defaults: on a GPU gpt2-124m (T=1024), gpt2-350m and llama-1b (T=2048) in bf16 autocast with the flash
+SDPA kernel; on a CPU the tiny presets and gpt2-124m at T=128 in fp32. The vocabulary is each preset's
+reference one (50257 GPT-2, 32000 llama, 30522 BERT). A sequence longer than a preset's max_seq_len grows
+its learned position table (gpt2-350m at 2048 has 2048 positions instead of 1024).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets. Longer names first:
+# the first substring of the device name that matches wins.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "H100": 989.4,  # SXM
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+    "L4": 121.0,
+}
+
+# (seq_len, batch) per preset when --seq-len / --batch are not given
+CPU_DEFAULTS: dict[str, tuple[int, int]] = {
+    "gpt-tiny": (256, 8), "gpt-char": (256, 8), "llama-tiny": (256, 8), "bert-tiny-cpu": (128, 8),
+    "lstm-tiny": (256, 8), "gpt2-124m": (128, 2),
+}
+GPU_DEFAULTS: dict[str, tuple[int, int]] = {"gpt2-124m": (1024, 16), "gpt2-350m": (2048, 8), "llama-1b": (2048, 4)}
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def _batch(family: str, B: int, T: int, vocab: int, device, gen: torch.Generator) -> dict:
+    ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+    if family != "bert":
+        return {"input_ids": ids, "labels": torch.randint(0, vocab, (B, T), generator=gen).to(device)}
+    labels = torch.where(torch.rand(B, T, generator=gen).to(device) < 0.15, ids, torch.full_like(ids, -100))
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids)}
+
+
+def bench_preset(
+    preset: str,
+    *,
+    seq_len: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    dtype: str,
+    sdpa: str,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    peak: Optional[float] = None,
+) -> dict:
+    from llmscale.config import ModelConfig, from_dict
+    from llmscale.models import build_model
+    from llmscale.models.presets import PRESETS, REFERENCE_VOCAB
+
+    spec = PRESETS[preset]
+    overrides = {"preset": preset, "dropout": 0.0, "activation_checkpointing": activation_checkpointing}
+    if seq_len > spec.get("max_seq_len", 1024) and spec["family"] != "lstm":
+        overrides["max_seq_len"] = seq_len
+    cfg = from_dict(ModelConfig, overrides)
+    vocab = REFERENCE_VOCAB[preset]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(cfg, vocab_size=vocab)
+    model.train()
+    fwd = torch.compile(model) if compile else model
+    gen = torch.Generator().manual_seed(0)
+    data = _batch(cfg.family, batch, seq_len, vocab, device, gen)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def sdpa_ctx():
+        if device.type == "cuda" and sdpa == "flash":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def step() -> float:
+        with autocast, sdpa_ctx():
+            loss = fwd(**data).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return float(loss.detach())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    loss = math.nan
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)  # robust to a disturbed step on a shared machine
+    tokens = batch * seq_len
+    tok_s = tokens / step_s
+    fpt = model.flops_per_token(seq_len)
+    tflops = fpt * tok_s / 1e12
+    out = {
+        "preset": preset, "family": cfg.family, "params": model.num_params(),
+        "params_non_embedding": model.num_params(exclude_embeddings=True), "vocab_size": vocab,
+        "seq_len": seq_len, "batch": batch, "tokens_per_step": tokens, "steps": steps, "warmup": warmup,
+        "step_time_s_median": round(step_s, 6), "step_time_s_all": [round(t, 6) for t in times],
+        "tokens_per_s": round(tok_s, 1), "tokens_per_s_best_step": round(tokens / min(times), 1), "flops_per_token": fpt, "achieved_tflops": round(tflops, 4),
+        "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None, "loss": round(loss, 4),
+        "activation_checkpointing": activation_checkpointing, "compile": compile,
+    }
+    if device.type == "cuda":
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    log.info("%s: %.0f tokens/s, %.3f TFLOP/s%s", preset, tok_s, tflops,
+             f", MFU {tflops / peak:.1%}" if peak else "")
+    del model, fwd, data
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run(
+    *,
+    presets: Optional[Sequence[str]] = None,
+    seq_len: Optional[int] = None,
+    batch: Optional[int] = None,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "auto",
+    dtype: str = "auto",
+    sdpa: str = "flash",
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    peak_tflops_override: Optional[float] = None,
+    threads: Optional[int] = None,
+) -> dict:
+    from llmscale.models.presets import PRESETS
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
+    presets = list(presets or defaults)
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        from llmscale.config import ConfigError
+
+        raise ConfigError(f"unknown preset(s) {unknown}; choose among: {', '.join(PRESETS)}.")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    peak = peak_tflops_override or (peak_tflops(name) if dev.type == "cuda" else None)
+    if dev.type == "cuda" and dtype != "bf16" and peak_tflops_override is None:
+        peak = None  # the table holds bf16 peaks only
+    results = []
+    for p in presets:
+        T, B = defaults.get(p, (256, 4))
+        T, B = seq_len or T, batch or B
+        try:
+            results.append(bench_preset(p, seq_len=T, batch=B, steps=steps, warmup=warmup, device=dev, dtype=dtype,
+                                        sdpa=sdpa, compile=compile, activation_checkpointing=activation_checkpointing,
+                                        peak=peak))
+        except torch.cuda.OutOfMemoryError as e:  # record and go on with the next preset
+            log.warning("%s at batch %d x %d: out of memory", p, B, T)
+            results.append({"preset": p, "seq_len": T, "batch": B, "error": f"out of memory: {str(e)[:200]}"})
+            torch.cuda.empty_cache()
+    return {
+        "benchmark": "model",
+        "what": "forward + backward (no optimizer step) of one batch; tokens/s from the median step time",
+        "flops_formula": "flops_per_token = 6 * matmul weights per token (incl. the LM head) + "
+                         "12 * n_layers * n_heads * head_dim * seq_len (attention over the full TxT matrix)",
+        "device": {"type": dev.type, "name": name, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+                   "load_average_1m_at_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()},
+        "dtype": dtype, "sdpa": sdpa if dev.type == "cuda" else "default",
+        "results": results,
+    }
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--output", default=None, help="Write the JSON here too (it is always printed).")
+    p.add_argument("--presets", nargs="+", default=None,
+                   help="Presets to run (default: GPU gpt2-124m gpt2-350m llama-1b; CPU the tiny presets + gpt2-124m).")
+    p.add_argument("--seq-len", type=int, default=None, help="Sequence length for every preset (default: per preset).")
+    p.add_argument("--batch", type=int, default=None, help="Micro-batch size for every preset (default: per preset).")
+    p.add_argument("--steps", type=int, default=5, help="Timed steps per preset (the median is reported).")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU.")
+    p.add_argument("--sdpa", choices=["flash", "auto"], default="flash",
+                   help="GPU attention kernel: flash only, or let PyTorch choose.")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first.")
+    p.add_argument("--activation-checkpointing", action="store_true", help="Recompute block activations in backward.")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--peak-tflops", type=float, default=None, help="Peak TFLOP/s for MFU (default: table by GPU name).")
+
+
+def main(args) -> int:
+    res = run(presets=args.presets, seq_len=args.seq_len, batch=args.batch, steps=args.steps, warmup=args.warmup,
+              device=args.device, dtype=args.dtype, sdpa=args.sdpa, compile=args.compile,
+              activation_checkpointing=args.activation_checkpointing, peak_tflops_override=args.peak_tflops,
+              threads=args.threads)
+    text = json.dumps(res, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
