@@ -11,9 +11,14 @@ what llmscale's trainer options ask of SentencePiece (see llmscale/data/tokenize
 - model: ``bpe`` -> a byte-fallback BPE whose merges are every split of every learned piece into two
   pieces, ranked by the merged piece's score (SentencePiece merges the adjacent pair whose result
   scores highest, leftmost first; a BPE with these ranks makes the same choices); ``unigram`` -> a
-  byte-fallback Unigram with the same scores (same Viterbi); ``char`` -> a BPE without merges;
-- ``<cls> <sep> <mask>`` (SentencePiece user-defined symbols, matched anywhere in the text) are added
-  tokens; ``<pad> <unk> <s> </s>`` are special tokens HF skips when decoding;
+  byte-fallback Unigram with the same scores (same Viterbi); ``char`` -> a BPE without merges.
+  One known difference, unigram only: the tokenizers Unigram matches every vocabulary string, so the
+  literal text of a special or byte piece ("<mask>", "<0x41>") inside a document becomes that id in
+  transformers, while SentencePiece spells it with ordinary pieces. BPE (the default) and char models
+  are exact for all text;
+- the special pieces ``<pad> <unk> <s> </s> <cls> <sep> <mask>`` are SentencePiece control symbols: their
+  text inside a document is spelled with ordinary pieces, and so it is here (``split_special_tokens``);
+  they are still special tokens that templates insert by id and ``skip_special_tokens`` drops;
 - decoder: ``"▁" -> " "``, byte pieces -> UTF-8 (``ByteFallback`` + ``Fuse``), no prefix stripping.
 
 The file declares the generic ``TokenizersBackend`` class, which loads tokenizer.json as written
@@ -107,14 +112,15 @@ def build_hf_tokenizer(tok: Tokenizer, *, kind: Literal["gpt", "bert"] = "gpt"):
     hf.normalizer = normalizers.Replace(" ", "▁")
     hf.pre_tokenizer = None
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    # User-defined symbols are cut out of the text by SentencePiece wherever they appear; control pieces
-    # (<pad> <s> </s>) and <unk> are not (their text is spelled with ordinary pieces). Only the former
-    # become added tokens matched in text; all are "special" so decode(skip_special_tokens=True) drops them.
-    added = []
-    for i, (piece, _, typ) in enumerate(pieces):
-        if typ == _USER_DEFINED:
-            added.append(AddedToken(piece, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False))
-    hf.add_special_tokens(added)
+    # llmscale's special pieces are SentencePiece control symbols: the text "<mask>" in a document is spelled
+    # with ordinary pieces, never turned into the mask id. transformers registers every named special token
+    # as an added token matched in text, so matching is switched off (encode_special_tokens /
+    # split_special_tokens); the ids are still known, so templates and skip_special_tokens work. A
+    # user-defined symbol (matched in text by SentencePiece) would stay a normal added token.
+    specials = [AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)]
+    hf.add_special_tokens(specials)
+    hf.add_tokens([AddedToken(p, special=False, normalized=False) for p, _, t in pieces if t == _USER_DEFINED])
+    hf.encode_special_tokens = True
     if kind == "bert":
         cls, sep = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"]
         hf.post_processor = processors.TemplateProcessing(
@@ -141,12 +147,13 @@ def write_hf_tokenizer(tokenizer: Tokenizer | str | Path, out_dir: str | Path, *
     config = {
         "tokenizer_class": "TokenizersBackend",
         **special,
-        "add_bos_token": False,
-        "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
         "model_max_length": model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
         "llmscale_tokenizer_hash": tok.hash,
     }
+    if kind == "bert":
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
     log.info("wrote Hugging Face tokenizer files (%s, %d pieces) to %s", tok.model_type, tok.vocab_size, out)
