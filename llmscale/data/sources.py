@@ -30,8 +30,8 @@ Cleaning (each counted, never silent)
 * CRLF line ends become ``\\n`` (Gutenberg and the Chinese novels use CRLF; a lone ``\\r`` is kept).
   Lossless tokenization applies to the text after this step.
 * Invalid UTF-8 bytes become U+FFFD and NUL characters are removed; the document is kept and counted
-  under ``repaired``. A document where more than 10 % of the characters were such garbage is skipped
-  as ``binary_or_wrong_encoding`` (it is almost surely not text).
+  under ``repaired``. A document where more than 10 % of the characters (and at least 32) were such
+  garbage is skipped as ``binary_or_wrong_encoding`` (it is almost surely not text).
 * Empty and whitespace-only documents and files are skipped as ``empty``.
 * A document longer than ``max_doc_chars`` is cut into consecutive pieces at a line (else space)
   boundary near the limit; every piece is written as its own row (counted as ``documents_split``).
@@ -152,7 +152,7 @@ def _clean(text: str, stats: ReadStats) -> Optional[str]:
         text = text.replace("\r\n", "\n")
     if _GARBAGE.search(text) is not None:
         n_bad = len(_GARBAGE.findall(text))
-        if n_bad > 0.1 * len(text):
+        if n_bad > 0.1 * len(text) and n_bad >= 32:
             stats.skipped["binary_or_wrong_encoding"] += 1
             return None
         if "\x00" in text:
@@ -179,6 +179,9 @@ def _cut_point(text: str, limit: int) -> int:
 def _emit(source: str, text: str, stats: ReadStats, max_doc_chars: int) -> Iterator[Document]:
     """One whole document -> cleaned pieces (almost always exactly one)."""
     stats.documents_read += 1
+    if not text:
+        stats.skipped["empty"] += 1
+        return
     if len(text) > max_doc_chars:
         stats.documents_split += 1
     part = 0
