@@ -2,6 +2,7 @@
 2-process jobs, and llmscale.dist.discover_world reads every launcher's environment layout."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -138,3 +139,51 @@ def test_accelerate_config_launches_two_ranks(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     _check_probe(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(corpus_path, tmp_path_factory) -> Path:
+    from llmscale.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("launch-data")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    prepare_dataset([corpus], root / "ds", vocab_size=400, seq_len=64, val_fraction=0.05, num_proc=1)
+    return root / "ds"
+
+
+def _tiny_config(path: Path, *, dataset: Path, run_dir: Path, steps: int) -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        run_dir: {run_dir}
+        data: {{path: {dataset}, seq_len: 64}}
+        model: {{n_layers: 2, d_model: 64, n_heads: 4, max_seq_len: 64}}
+        optim: {{lr: 1.0e-3, warmup_steps: 5}}
+        parallel: {{micro_batch_size: 4, global_batch_size: 8}}
+        train: {{steps: {steps}, log_every: 5, eval_every: 0, eval_batches: 2, tensorboard: false}}
+        """))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun.sh", "accelerate.sh"])
+def test_launcher_trains_two_ranks(launcher, tiny_dataset, tmp_path):
+    """The launcher as a user runs it: NPROC=2 ranks train a tiny GPT to the end on gloo/CPU."""
+    run_dir = tmp_path / "run"
+    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=10)
+    p = subprocess.run(
+        ["bash", str(ROOT / "launch" / launcher), str(cfg), "train.log_every=2"],
+        env=cpu_env({"NPROC": "2", "PYTHON": sys.executable}), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-8000:]
+    assert "dp=2" in out, out[-4000:]  # two data-parallel ranks
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    assert steps == [2, 4, 6, 8, 10], steps  # the override reached the trainer
+    assert (run_dir / "final" / "model.pt").is_file()
+
+
+def test_launcher_without_config_explains_usage():
+    p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh")], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "launch/torchrun.sh CONFIG" in p.stdout
