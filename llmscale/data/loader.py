@@ -280,14 +280,14 @@ class TokenLoader:
     # ---------------------------------------------------------------- batches
 
     def _collate(self, positions: np.ndarray, src: np.ndarray, sample: np.ndarray, *, tag: int) -> dict[str, np.ndarray]:
-        """One micro-batch (numpy) for these stream positions."""
+        """The numpy arrays of these stream positions' samples (rows in the given order)."""
         n = len(positions)
         if self.kind == "gpt":
+            out = (np.empty((n, self.seq_len), dtype=np.int64), np.empty((n, self.seq_len), dtype=np.int64))
+            inp, lab = out
             if len(self.splits) == 1:
-                inp, lab = gpt_windows(self.splits[0].stream, sample, seq_len=self.seq_len, pad_id=self.spec.pad_id)
+                gpt_windows(self.splits[0].stream, sample, seq_len=self.seq_len, pad_id=self.spec.pad_id, out=out)
             else:
-                inp = np.empty((n, self.seq_len), dtype=np.int64)
-                lab = np.empty((n, self.seq_len), dtype=np.int64)
                 for d in np.unique(src).tolist():
                     sel = src == d
                     inp[sel], lab[sel] = gpt_windows(
@@ -307,14 +307,15 @@ class TokenLoader:
 
     def _rank_step(self, start: int) -> list[dict]:
         """This rank's micro-batches of the global batch that begins at stream position ``start``."""
-        first = start + self.dp_rank * self.per_rank
-        out = []
-        for m in range(self.grad_accum_steps):
-            pos = first + m * self.micro_batch_size + np.arange(self.micro_batch_size, dtype=np.int64)
-            src, sample, gid = self._ids_at(pos)
-            arrays = self._collate(pos, src, sample, tag=_TAG_MASK)
-            arrays["sample_ids"] = gid
-            out.append({k: torch.from_numpy(v) for k, v in arrays.items()})
+        positions = start + self.dp_rank * self.per_rank + np.arange(self.per_rank, dtype=np.int64)
+        sources, samples, ids = self._ids_at(positions)
+        # The whole step in one go (one allocation, fixed costs paid once); each micro-batch is then a
+        # contiguous row block of it.
+        arrays = self._collate(positions, sources, samples, tag=_TAG_MASK)
+        arrays["sample_ids"] = ids
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        mbs = self.micro_batch_size
+        out = [{k: t[m * mbs : (m + 1) * mbs] for k, t in tensors.items()} for m in range(self.grad_accum_steps)]
         return out
 
     def next_step(self) -> list[dict]:
