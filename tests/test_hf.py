@@ -244,6 +244,30 @@ def test_import_of_a_transformers_folder_is_exact(kind, tmp_path):
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sum(p.numel() for p in hf.parameters()) == model.num_params()
+    if kind == "gpt2":  # a foreign tokenizer keeps its own special ids
+        assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
+
+
+def test_export_and_generate_from_a_finished_run_dir(tok_dir, tmp_path):
+    """A run directory as `llmscale train` leaves it: config.yaml + final/model.pt + tokenizer/."""
+    from llmscale.config import RunConfig, save_resolved
+    from llmscale.jobs.generate import generate_text, load_for_inference
+
+    model = _random_model(FAMILIES["llama-gqa"])
+    run = tmp_path / "run"
+    cfg = from_dict(RunConfig, {"run_dir": str(run), "model": dataclasses.asdict(model.config),
+                                "data": {"seq_len": 32}})
+    save_resolved(cfg, run / "config.yaml")
+    (run / "final").mkdir()
+    torch.save(model.state_dict(), run / "final" / "model.pt")
+    shutil.copytree(tok_dir, run / "tokenizer")
+    loaded, tok = load_for_inference(run)
+    assert isinstance(tok, Tokenizer)
+    out = export_model(loaded, loaded.config, run / "tokenizer", tmp_path / "exported")
+    again, _ = load_model_folder(out)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    r = generate_text(again, tok, "To be", max_new_tokens=5, greedy=True)
+    assert r == generate_text(model, tok, "To be", max_new_tokens=5, greedy=True) and r["text"].startswith("To be")
 
 
 def test_parameter_counts_match_transformers_for_full_size_presets():

@@ -110,12 +110,13 @@ def _special_ids() -> dict[str, int]:
     return SPECIAL_IDS
 
 
-def hf_config(cfg):
-    """The transformers config object for a resolved ModelConfig (after :func:`hf_architecture` accepts it)."""
+def hf_config(cfg, *, token_ids: Optional[dict[str, Optional[int]]] = None):
+    """The transformers config object for a resolved ModelConfig (after :func:`hf_architecture` accepts it).
+    ``token_ids`` ({"pad", "bos", "eos"}) default to llmscale's tokenizer ids."""
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     arch = hf_architecture(cfg)
-    sp = _special_ids()
+    sp = {**_special_ids(), **(token_ids or {})}
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
                   architectures=[arch], pad_token_id=sp["pad"], bos_token_id=sp["bos"], eos_token_id=sp["eos"])
     if arch == "GPT2LMHeadModel":
@@ -366,12 +367,15 @@ def _model_config_dict(cfg) -> dict:
 
 def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str | Path], out_dir: str | Path, *,
                  state_dict: Optional[dict[str, torch.Tensor]] = None, overwrite: bool = False,
-                 dtype: Optional[torch.dtype] = None, metadata: Optional[dict[str, str]] = None) -> Path:
+                 dtype: Optional[torch.dtype] = None, metadata: Optional[dict[str, str]] = None,
+                 token_ids: Optional[dict[str, Optional[int]]] = None) -> Path:
     """Write ``model`` (single-device llmscale model, resolved ModelConfig) as a model folder.
 
     ``state_dict`` overrides ``model.state_dict()`` (e.g. a consolidated checkpoint; ``model`` may then be
     None). ``tokenizer_dir`` is an llmscale tokenizer folder (or None: weights and configs only). The folder
-    is written to ``out_dir.tmp`` and renamed, so a folder that exists is complete."""
+    is written to ``out_dir.tmp`` and renamed, so a folder that exists is complete. ``token_ids``
+    ({"pad", "bos", "eos"}) override llmscale's special ids in config.json / generation_config.json (for
+    imported models that keep their own tokenizer)."""
     from safetensors.torch import save_file
 
     from llmscale.config import ModelConfig
@@ -393,14 +397,14 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    hf_cfg = hf_config(model_cfg)
+    hf_cfg = hf_config(model_cfg, token_ids=token_ids)
     if dtype is not None:
         hf_cfg.dtype = str(dtype).replace("torch.", "")
     hf_cfg.save_pretrained(tmp)
     if model_cfg.family == "gpt":
         from transformers import GenerationConfig
 
-        sp = _special_ids()
+        sp = {**_special_ids(), **(token_ids or {})}
         GenerationConfig(bos_token_id=sp["bos"], eos_token_id=sp["eos"], pad_token_id=sp["pad"]).save_pretrained(tmp)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "llmscale_architecture": arch, **(metadata or {})})
     _write_json(tmp / LLMSCALE_CONFIG, _model_config_dict(model_cfg))
@@ -525,7 +529,11 @@ def import_hf_folder(hf_folder: str | Path, out_dir: str | Path, *, overwrite: b
             tok_dir = src / "tokenizer.model"
         except TokenizerError as e:
             log.info("the folder's tokenizer.model is not an llmscale tokenizer (%s); copying the HF tokenizer files", e)
-    out = export_model(model, model.config, tok_dir, out_dir, overwrite=overwrite)
+    token_ids = None
+    if tok_dir is None and (src / "config.json").is_file():  # it keeps its own tokenizer, hence its own ids
+        src_cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        token_ids = {k: src_cfg.get(f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    out = export_model(model, model.config, tok_dir, out_dir, overwrite=overwrite, token_ids=token_ids)
     if tok_dir is None:
         copied = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
         for name in copied:
