@@ -388,3 +388,60 @@ def test_order_command_prints_each_ranks_ids(gpt_ds, capsys):
         assert len(s["ranks"]) == 4 and all(len(r) == 2 for r in s["ranks"])
         assert sum(s["ranks"], []) == ld.global_sample_ids(s["step"]).tolist()
     assert main(["data", "order", str(root), "--world-size", "3", "--global-batch", "8", "--steps", "1"]) == 2
+
+
+# --------------------------------------------------------------------------- a real prepared corpus
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory, corpus_path):
+    from llmscale.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("shakespeare")
+    gpt = prepare_dataset([corpus_path], root / "gpt", vocab_size=600, seq_len=64, val_fraction=0.05, num_proc=1,
+                          doc_split="paragraph", shard_tokens=40_000)
+    bert = prepare_dataset([corpus_path], root / "bert", tokenizer=gpt.tokenizer_dir(), format="bert", seq_len=64,
+                           val_fraction=0.05, num_proc=1, doc_split="paragraph", shard_tokens=40_000)
+    return gpt, bert, corpus_path.read_text(encoding="utf-8")
+
+
+def test_real_prepared_gpt_dataset_is_served_whole(shakespeare):
+    from llmscale.data.shards import open_shard
+    from llmscale.data.tokenizer import Tokenizer
+
+    gpt, _, text = shakespeare
+    assert len(gpt.shards("train")) > 1  # windows cross shard boundaries
+    tok = Tokenizer.load(gpt.tokenizer_dir())
+    stream = np.concatenate([open_shard(gpt.root / s.path).tokens for s in gpt.shards("train")]).astype(np.int64)
+    c = DataConfig(path=str(gpt.root), seq_len=64)
+    ld = build_loader(c, dp_rank=0, dp_size=1, global_batch_size=32, micro_batch_size=16, vocab_size=tok.vocab_size)
+    S = ld.samples_per_epoch
+    steps = take(ld, ld.steps_per_epoch)
+    sid = np.concatenate([s["sample_ids"] for s in steps])[:S]
+    lab = np.concatenate([s["labels"] for s in steps])[:S][np.argsort(sid)]
+    assert np.array_equal(lab[lab != IGNORE], stream[1:])
+    window = steps[0]["input_ids"][0].tolist()
+    pieces = [tok.decode(p) for p in np.split(window, np.flatnonzero(np.array(window) == tok.eos_id))]
+    assert all(p.replace("</s>", "") in text for p in pieces if p)  # windows are real, losslessly decoded text
+    val = list(ld.eval_batches())
+    assert val and sum(int((b["labels"] != IGNORE).sum()) for b in val) == ld.val_num_tokens - 1
+
+
+def test_real_prepared_bert_dataset(shakespeare):
+    from llmscale.data.tokenizer import Tokenizer
+
+    _, bert, text = shakespeare
+    tok = Tokenizer.load(bert.tokenizer_dir())
+    c = DataConfig(path=str(bert.root), format="bert", seq_len=64, nsp=True)
+    ld = build_loader(c, dp_rank=0, dp_size=1, global_batch_size=64, micro_batch_size=32, vocab_size=tok.vocab_size,
+                      pad_id=tok.pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id)
+    steps = take(ld, 8)
+    ids, lab, att = (np.concatenate([s[k] for s in steps]) for k in ("input_ids", "labels", "attention_mask"))
+    nsp = np.concatenate([s["next_sentence_label"] for s in steps])
+    original = np.where(lab != IGNORE, lab, ids)
+    content = (att == 1) & (original != tok.cls_id) & (original != tok.sep_id)
+    assert 0.12 < (lab != IGNORE).sum() / content.sum() < 0.18
+    assert 0.4 < nsp.mean() < 0.6
+    row = original[0, : int(att[0].sum())]
+    sep = int(np.flatnonzero(row == tok.sep_id)[0])
+    assert tok.decode(row[1:sep].tolist()) in text  # segment A is real text
