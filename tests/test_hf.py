@@ -142,8 +142,10 @@ def test_exported_logits_match_transformers(name, exported):
     assert hf_architecture(cfg) == ARCH[name]
     assert json.loads((folder / "config.json").read_text())["architectures"] == [ARCH[name]]
     assert not list(folder.glob("*.bin")) and (folder / "model.safetensors").is_file()
-    hf = _hf_class(cfg).from_pretrained(str(folder)).eval()
+    hf, info = _hf_class(cfg).from_pretrained(str(folder), output_loading_info=True)
+    hf.eval()
     assert type(hf).__name__ == ARCH[name]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(7, VOCAB, (2, 24), generator=g)
     kwargs = {}
