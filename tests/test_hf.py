@@ -250,6 +250,19 @@ def test_import_of_a_transformers_folder_is_exact(kind, tmp_path):
         assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
 
 
+def test_import_reads_hub_style_gpt2_names(tmp_path):
+    """GPT-2's hub file stores base-model names (h.0.attn..., wte.weight) and the causal-mask buffers."""
+    from safetensors.torch import load_file, save_file
+
+    src = _hf_native("gpt2", tmp_path / "hf")
+    ref, _ = load_model_folder(src)
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(str(src / "model.safetensors")).items()}
+    sd.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 48, 48)) for i in range(2)})
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_model_folder(import_hf_folder(src, tmp_path / "ls"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
 def test_export_and_generate_from_a_finished_run_dir(tok_dir, tmp_path):
     """A run directory as `llmscale train` leaves it: config.yaml + final/model.pt + tokenizer/."""
     from llmscale.config import RunConfig, save_resolved

@@ -319,9 +319,24 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Ten
     return out
 
 
+_BASE_PREFIX = {"GPT2LMHeadModel": "transformer.", "LlamaForCausalLM": "model.", "BertForMaskedLM": "bert.",
+                "BertForPreTraining": "bert."}
+
+
+def _canonical_names(hf_state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """Names as the head model saves them: base-model checkpoints (GPT-2's hub files: ``h.0.attn...``,
+    ``wte.weight``) get the base prefix, and old BERT files' ``LayerNorm.gamma/beta`` become weight/bias."""
+    prefix = _BASE_PREFIX[arch]
+    if not any(k.startswith(prefix) for k in hf_state):
+        hf_state = {(k if k.startswith(("lm_head.", "cls.")) else prefix + k): v for k, v in hf_state.items()}
+    return {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+            for k, v in hf_state.items()}
+
+
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """HF names -> llmscale names (the inverse of :func:`to_hf_state_dict`); every HF tensor must be used."""
     arch = hf_architecture(cfg)
+    hf_state = _canonical_names(hf_state, arch)
     out: dict[str, torch.Tensor] = {}
     used = set()
 
@@ -449,7 +464,7 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_is_nsp(weights: dict[str, torch.Tensor]) -> bool:
-    return "cls.seq_relationship.weight" in weights
+    return "cls.seq_relationship.weight" in weights or "seq_relationship.weight" in weights
 
 
 def read_model_folder(folder: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
