@@ -390,3 +390,19 @@ def test_bench_model_reports_throughput(tmp_path):
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and bench.peak_tflops("NVIDIA H200") == 989.4
     with pytest.raises(ConfigError, match="unknown preset"):
         bench.run(presets=["nope"], device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt2", "gqa"])
+def test_cuda_bf16_flash_matches_cpu_fp32(name):
+    """On a GPU the bf16 flash-attention path (GQA included) gives the fp32 CPU logits within bf16 accuracy."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = make(name, d_model=128, n_heads=4).eval()  # head_dim 32: a shape flash attention takes
+    ids = torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        gpu = model.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = gpu(ids.cuda()).logits.float().cpu()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
