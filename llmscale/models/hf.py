@@ -408,6 +408,12 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tensors = {k: v.cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    for k, v in tensors.items():  # safetensors refuses tensors sharing storage (views of one flat buffer)
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[k] = v.clone()
+        seen.add(ptr)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
