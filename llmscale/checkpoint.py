@@ -660,7 +660,7 @@ class CheckpointManager:
                 log.info("removing %s (left by an interrupted save or clean-up)", c)
                 shutil.rmtree(c, ignore_errors=True)
 
-    def _select(self) -> Optional[Path]:
+    def find_resumable(self) -> Optional[Path]:
         """Newest checkpoint that verifies (collective). Damaged ones are reported loudly and set aside."""
         if _rank() == 0:
             self._clean_stale()
@@ -715,7 +715,7 @@ class CheckpointManager:
             if problems:
                 raise CheckpointError(f"--resume-from {path}: the checkpoint is damaged: " + "; ".join(problems[:5]))
         else:
-            path = self._select()
+            path = self.find_resumable()
             if path is None:
                 log.info("no checkpoint in %s: starting from scratch", self.dir)
                 return None
@@ -790,7 +790,7 @@ class CheckpointManager:
         """After repeated non-finite steps: reload the newest complete checkpoint into ``engine`` and
         ``stateful`` except ``keep`` (default the loader, which has already moved past the offending batches,
         so they are skipped). Returns the step rolled back to. Collective."""
-        path = self._select()
+        path = self.find_resumable()
         if path is None:
             raise CheckpointError(
                 f"rollback requested after {getattr(self.cfg, 'train', None) and self.cfg.train.max_bad_steps} bad "

@@ -133,3 +133,26 @@ class Preemption:
         if stop and not self.requested:
             self.request()
         return stop
+
+
+# ---------------------------------------------------------------- process-wide handler for the trainer
+# Signal handlers are process-global by nature, so the one installed handler is kept here.
+_installed: Optional[Preemption] = None
+
+
+def install_handlers(*, grace_s: Optional[float] = None) -> Preemption:
+    """Install the SIGTERM/SIGUSR1 handlers once per process (idempotent); returns the handler."""
+    global _installed
+    if _installed is None:
+        _installed = Preemption(grace_s=grace_s)
+    return _installed
+
+
+def stop_agreed() -> bool:
+    """Collective: True on every rank once any rank received a preemption signal (see Preemption.should_stop)."""
+    return install_handlers().should_stop()
+
+
+def exit_code_for(stopped: bool) -> int:
+    """The process exit status for a run that ``stopped`` early on a signal (EXIT_REQUEUE) or finished (0)."""
+    return EXIT_REQUEUE if stopped else 0

@@ -1,0 +1,161 @@
+"""Shared pieces of the checkpoint tests: a tiny model trained on real DeepSpeed (CPU, gloo), a
+deterministic data loader with a resumable position, and a training function that uses
+llmscale.checkpoint exactly as the trainer does (resume at start, maybe_save after each step)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+GLOBAL_BATCH = 8
+DIM = 16
+
+
+class ToyLoader:
+    """Global batch ``step`` = GLOBAL_BATCH samples drawn from a generator seeded by (seed, step): the
+    order depends only on the step, never on dp_size; rank r takes the r-th contiguous chunk."""
+
+    def __init__(self, *, dp_rank: int, dp_size: int, seed: int = 7, micro_batch: Optional[int] = None) -> None:
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.step = 0
+        self.micro = micro_batch or GLOBAL_BATCH // dp_size
+
+    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + step)
+        x = torch.randn(GLOBAL_BATCH, DIM, generator=g)
+        y = torch.randn(GLOBAL_BATCH, DIM, generator=g)
+        ids = torch.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        return x, y, ids
+
+    def next_step(self) -> list[dict]:
+        x, y, ids = self.global_batch(self.step)
+        self.step += 1
+        n = GLOBAL_BATCH // self.dp_size
+        sl = slice(self.dp_rank * n, (self.dp_rank + 1) * n)
+        x, y, ids = x[sl], y[sl], ids[sl]
+        return [{"x": x[i:i + self.micro], "y": y[i:i + self.micro], "sample_ids": ids[i:i + self.micro]}
+                for i in range(0, n, self.micro)]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, s: dict) -> None:
+        assert s["seed"] == self.seed
+        self.step = int(s["step"])
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens_seen = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.step, self.tokens_seen = int(s["step"]), int(s["tokens_seen"])
+
+
+def toy_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(DIM, 64), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 64), torch.nn.GELU(),
+        torch.nn.Linear(64, DIM),
+    )
+
+
+def build_ds(*, zero_stage: int = 1, world_size: int, model: Optional[torch.nn.Module] = None) -> Any:
+    import deepspeed
+
+    model = model or toy_model()
+    micro = GLOBAL_BATCH // world_size
+    cfg = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "checkpoint": {"tag_validation": "Ignore"},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine
+
+
+def train_step(engine: Any, micro_batches: list[dict], *, poison: bool = False) -> float:
+    """One optimizer step; returns the global mean loss (all ranks agree). ``poison`` makes it NaN."""
+    import torch.distributed as dist
+
+    total = torch.zeros(1)
+    for mb in micro_batches:
+        out = engine(mb["x"])
+        loss = ((out - mb["y"]) ** 2).mean()
+        if poison:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach()
+    total /= len(micro_batches)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return float(total)
+
+
+def params_digest(engine: Any) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(engine.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: int = 2, keep_last: int = 2,
+          keep_every: int = 0, zero_stage: int = 1, stop_after: Optional[int] = None, resume: bool = True,
+          nan_steps: tuple = (), max_bad_steps: int = 0, loss_log: Optional[str] = None) -> dict:
+    """The trainer's checkpoint protocol on a toy DeepSpeed model. Returns losses by step and a digest of
+    the final weights. ``stop_after``: leave the loop after that many steps of this process (a clean
+    "interruption"). ``nan_steps``: global steps (1-based) whose loss is poisoned."""
+    from llmscale.checkpoint import BadStepGuard, CheckpointManager
+    from llmscale.config import CheckpointConfig
+
+    engine = build_ds(zero_stage=zero_stage, world_size=world_size)
+    loader = ToyLoader(dp_rank=rank, dp_size=world_size)
+    counters = Counters()
+    stateful = {"trainer": counters, "loader": loader}
+    manager = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(
+        every_steps=every_steps, keep_last=keep_last, keep_every=keep_every))
+    resumed = manager.resume(engine, stateful) if resume else manager.resume(engine, stateful, no_resume=True)
+    guard = BadStepGuard(max_bad_steps)
+    losses: dict[int, float] = {}
+    rollbacks = []
+    done = 0
+    while counters.step < steps:
+        batch = loader.next_step()
+        # NaN injection is keyed on the data position, so skipped batches stay skipped after a rollback
+        poison = loader.step in nan_steps
+        loss = train_step(engine, batch, poison=poison)
+        bad = not math.isfinite(loss)
+        counters.step += 1
+        counters.tokens_seen += GLOBAL_BATCH
+        if not bad:
+            losses[counters.step] = loss
+        if loss_log and rank == 0:
+            with open(loss_log, "a") as f:
+                f.write(json.dumps({"step": counters.step, "loss": loss}) + "\n")
+        if guard.update(bad):
+            rollbacks.append((counters.step, manager.rollback(engine, stateful)))
+            continue
+        if not bad:
+            manager.maybe_save(counters.step, engine, stateful, force=counters.step == steps)
+        done += 1
+        if stop_after is not None and done >= stop_after:
+            break
+    return {"resumed": resumed, "losses": losses, "digest": params_digest(engine), "step": counters.step,
+            "rollbacks": rollbacks, "loader_step": loader.step}
