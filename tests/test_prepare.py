@@ -152,13 +152,13 @@ def test_every_input_format(tmp_path, tok):
 
 def test_list_of_strings_and_nested_fields(tmp_path):
     poems = [{"author": "a", "paragraphs": ["第一句，", "第二句。"]}, {"author": "b", "paragraphs": ["only one"]},
-             {"author": "c"}]
+             {"author": "c"}, {"author": "d", "paragraphs": 7}]  # mixed types: datasets stores JSON text
     (tmp_path / "p.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "q.json").write_text(json.dumps([{"paragraphs": 7}, {"paragraphs": 8}]))
     st = ReadStats()
     got = [t for _, t in iter_documents([tmp_path / "p.json", tmp_path / "q.json"], text_field="paragraphs", stats=st)]
     assert got == ["第一句，\n第二句。", "only one"]
-    assert st.documents_read == 5 and dict(st.skipped) == {"missing_field:paragraphs": 1, "not_text": 2}
+    assert st.documents_read == 6 and dict(st.skipped) == {"missing_field:paragraphs": 1, "not_text": 3}
     (tmp_path / "n.jsonl").write_text('{"meta": {"body": "nested text"}}\n{"meta": {}}\n')
     st = ReadStats()
     assert [t for _, t in iter_documents([tmp_path / "n.jsonl"], text_field="meta.body", stats=st)] == ["nested text"]

@@ -6,7 +6,9 @@
 What a *document* is
 --------------------
 * ``.txt`` (and any explicit file with an unknown extension): read as a byte stream, never a whole
-  file or a whole line at once, so one 100 MB line costs a few MB of memory. ``doc_split`` says how
+  file or a whole line at once, so one 100 MB line costs a few MB of memory. (Not through the
+  ``datasets`` "text" builder: it makes a row per line or holds a whole file per row, and counts
+  neither invalid bytes nor empty documents.) ``doc_split`` says how
   a file is cut into documents:
 
   - ``chunk`` (default): consecutive paragraphs (separated by blank lines) grouped into documents of
@@ -20,7 +22,8 @@ What a *document* is
   text inside a document is kept exactly as read.
 * ``.jsonl`` / ``.json`` (JSON lines, or one top-level array of objects), ``.parquet``, ``.csv``,
   ``.tsv``: one record is one document, read through Hugging Face ``datasets`` in streaming mode
-  (no cache copy, no hub access). ``text_field`` names the column; a dotted path reaches into nested
+  (no cache copy, no hub access; note that ``datasets`` imports torch for streaming, a few seconds
+  once per process). ``text_field`` names the column; a dotted path reaches into nested
   objects; a field holding a list of strings (the chinese-poetry ``paragraphs``) is joined with
   newlines. Records without the field are skipped and counted.
 * ``.gz`` compression is accepted on every format.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import codecs
 import glob as _glob
 import gzip
+import json
 import os
 import re
 from collections import Counter
@@ -362,31 +366,40 @@ def _table_documents(path: Path, kind: str, *, text_field: str, max_doc_chars: i
         kwargs = {"delimiter": "\t", "quoting": 3}  # csv.QUOTE_NONE: TSV corpora (SST-2) contain bare quotes
     fpath = text_field.split(".")
     top = fpath[0]
+    source = str(path)
     try:
         stats.bytes_read += path.stat().st_size
         ds = datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True, **kwargs)
         missing_reason = f"missing_field:{text_field}"
-        for batch in ds.iter(batch_size=1024):
-            if top not in batch:
-                n = len(next(iter(batch.values()))) if batch else 0
-                stats.documents_read += n
-                stats.skipped[missing_reason] += n
+        # Arrow batches, not Python dicts per row: ten times faster on many small records.
+        for tbl in ds.with_format("arrow").iter(batch_size=4096):
+            if top not in tbl.column_names:
+                stats.documents_read += tbl.num_rows
+                stats.skipped[missing_reason] += tbl.num_rows
                 log.warning("%s: no field %r in its records (fields: %s); %d records skipped", path, text_field,
-                            ", ".join(batch), n)
+                            ", ".join(tbl.column_names), tbl.num_rows)
                 continue
-            for value in batch[top]:
+            col = tbl.column(top)
+            values = col.to_pylist()
+            if "json" in str(col.type):  # datasets' Json feature (objects of varying shape): JSON text per row
+                values = [None if v is None else json.loads(v) for v in values]
+            for value in values:
                 if len(fpath) > 1:
                     value = _get_field(value, fpath[1:]) if isinstance(value, dict) else None
-                if value is None:
+                text = value if isinstance(value, str) else _as_text(value)
+                if text is not None and 0 < len(text) <= max_doc_chars:  # the common case, inline
+                    stats.documents_read += 1
+                    text = _clean(text, stats)
+                    if text is not None:
+                        yield Document(source, text)
+                elif value is None:
                     stats.documents_read += 1
                     stats.skipped[missing_reason] += 1
-                    continue
-                text = _as_text(value)
-                if text is None:
+                elif text is None:
                     stats.documents_read += 1
                     stats.skipped["not_text"] += 1
-                    continue
-                yield from _emit(str(path), text, stats, max_doc_chars)
+                else:
+                    yield from _emit(source, text, stats, max_doc_chars)
     except PrepareError:
         raise
     except Exception as e:  # pyarrow / pandas / json errors: name the file
