@@ -129,6 +129,15 @@ def test_half_written_output_is_never_read_and_gets_replaced(tmp_path, tok, corp
         read_manifest(out)
     prepare_dataset([corpus_path], out, tokenizer=tok, seq_len=64)
     assert verify_dataset(out) == []
+    # an older dataset (another schema version) is neither read nor silently replaced
+    mpath = out / "manifest.json"
+    mpath.write_text(mpath.read_text().replace('"schema_version": 1', '"schema_version": 0'))
+    with pytest.raises(DatasetError, match="schema version 0"):
+        read_manifest(out)
+    with pytest.raises(PrepareError, match=r"schema version 0 .*--overwrite"):
+        prepare_dataset([corpus_path], out, tokenizer=tok, seq_len=64)
+    prepare_dataset([corpus_path], out, tokenizer=tok, seq_len=64, overwrite=True)
+    assert read_manifest(out).data["schema_version"] == 1
     # a folder holding somebody else's files is not touched without --overwrite
     other = tmp_path / "mine"
     other.mkdir()

@@ -46,6 +46,7 @@ import numpy as np
 
 from llmscale.data.shards import (
     MANIFEST,
+    SCHEMA_VERSION,
     Manifest,
     ShardWriter,
     fsync_dir,
@@ -135,22 +136,28 @@ def _check_output(output: Path, *, overwrite: bool, tokenizer_hash: Optional[str
     if not entries:
         return True
     mpath = output / MANIFEST
+    data = None
     if mpath.is_file():
         try:
             data = json.loads(mpath.read_text(encoding="utf-8"))
-            old_hash = data.get("tokenizer", {}).get("hash", "?")
         except (ValueError, OSError):
-            data, old_hash = {}, "?"
+            log.warning("%s is unreadable: treating %s as an incomplete dataset", mpath, output)
+    if isinstance(data, dict):
+        old_hash = (data.get("tokenizer") or {}).get("hash", "?")
         if overwrite:
             log.warning("--overwrite: replacing the dataset at %s (tokenizer hash %s)", output, old_hash)
             return True
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise PrepareError(
+                f"{output} holds a dataset of schema version {data.get('schema_version')} (this llmscale writes "
+                f"{SCHEMA_VERSION}). Pass --overwrite to rebuild it, or choose another --output.")
         if tokenizer_hash is not None and old_hash != tokenizer_hash:
             raise PrepareError(
                 f"{output} already holds a dataset built with tokenizer hash {old_hash}, you passed {tokenizer_hash}. "
                 f"Pass --overwrite to rebuild it with your tokenizer, or choose another --output.")
         raise PrepareError(
             f"{output} already holds a complete dataset (tokenizer hash {old_hash}, "
-            f"{data.get('stats', {}).get('documents_written', '?')} documents). Pass --overwrite to rebuild it, "
+            f"{(data.get('stats') or {}).get('documents_written', '?')} documents). Pass --overwrite to rebuild it, "
             f"or choose another --output.")
     foreign = sorted(e for e in entries if e not in _DATASET_ENTRIES and not e.startswith("."))
     if foreign and not overwrite:
