@@ -429,7 +429,9 @@ class Engine:
             self.ds.train()
         n = getattr(out, "num_targets", None)
         n = n_local if n is None else torch.as_tensor(n, dtype=torch.float32, device=self.device)
-        packed = torch.stack([out.loss.detach().float() * n.float(), n.float()])
+        # a micro-batch of only padding rows (the tail of the val split) has a 0/0 = NaN mean loss: it adds 0
+        local_sum = torch.where(n > 0, out.loss.detach().float() * n.float(), torch.zeros((), device=self.device))
+        packed = torch.stack([local_sum, n.float()])
         if self.layout.dp > 1:
             dist.all_reduce(packed, group=self._dp_group())
         return float(packed[0]), int(round(float(packed[1])))
