@@ -326,6 +326,16 @@ def test_export_refuses_what_no_transformers_class_computes(raw, words, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_foreign_tokenizer_and_an_existing_folder(tok_dir, exported, tmp_path):
+    small = build_model(from_dict(ModelConfig, FAMILIES["gpt2"]), vocab_size=300)
+    with pytest.raises(ExportError, match=f"{VOCAB} pieces but the model embeds only 300"):
+        export_model(small, small.config, tok_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    model, folder = exported["gpt2"]
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_model(model, model.config, tok_dir, folder)
+
+
 def _edit_config(folder: Path, **changes) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(changes)

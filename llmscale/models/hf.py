@@ -13,6 +13,9 @@ Which transformers class expresses which ModelConfig (exactly — anything else 
     BertForPreTraining  the same with the next-sentence-prediction head (pooler + seq_relationship); its folder
                       also loads with AutoModelForMaskedLM (which ignores the NSP weights)
 
+Untied BERT: transformers then keeps two output biases (``cls.predictions.decoder.bias``, used, and
+``cls.predictions.bias``, unused); both are written with llmscale's bias, so its parameter count is ours + V.
+
 A *model folder* is what export_model writes:
 
     config.json, generation_config.json, model.safetensors      the transformers model (HF parameter names)
@@ -391,8 +394,6 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
     is written to ``out_dir.tmp`` and renamed, so a folder that exists is complete. ``token_ids``
     ({"pad", "bos", "eos"}) override llmscale's special ids in config.json / generation_config.json (for
     imported models that keep their own tokenizer)."""
-    from safetensors.torch import save_file
-
     from llmscale.config import ModelConfig
 
     if not isinstance(model_cfg, ModelConfig):
@@ -403,6 +404,14 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty: choose a new folder or pass --overwrite.")
+    tok = None
+    if tokenizer_dir is not None:
+        from llmscale.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(tokenizer_dir)
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise ExportError(f"the tokenizer at {tokenizer_dir} has {tok.vocab_size} pieces but the model embeds only "
+                              f"{model_cfg.vocab_size}: export with the tokenizer the model was trained with.")
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = to_hf_state_dict(state, model_cfg)
     if dtype is not None:
@@ -418,6 +427,24 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_folder(tmp, tensors, model_cfg, arch, tok, dtype=dtype, metadata=metadata, token_ids=token_ids)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("exported %s (%s, %.2fM parameters) to %s", arch, model_cfg.family,
+             sum(t.numel() for t in tensors.values()) / 1e6, out)
+    return out
+
+
+def _write_folder(tmp: Path, tensors: dict[str, torch.Tensor], model_cfg, arch: str, tok, *,
+                  dtype: Optional[torch.dtype], metadata: Optional[dict[str, str]],
+                  token_ids: Optional[dict[str, Optional[int]]]) -> None:
+    from safetensors.torch import save_file
+
     hf_cfg = hf_config(model_cfg, token_ids=token_ids)
     if dtype is not None:
         hf_cfg.dtype = str(dtype).replace("torch.", "")
@@ -429,22 +456,11 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
         GenerationConfig(bos_token_id=sp["bos"], eos_token_id=sp["eos"], pad_token_id=sp["pad"]).save_pretrained(tmp)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "llmscale_architecture": arch, **(metadata or {})})
     _write_json(tmp / LLMSCALE_CONFIG, _model_config_dict(model_cfg))
-    if tokenizer_dir is not None:
+    if tok is not None:
         from llmscale.data.hf_tokenizer import write_hf_tokenizer
-        from llmscale.data.tokenizer import Tokenizer
 
-        tok = Tokenizer.load(tokenizer_dir)
-        if tok.vocab_size > model_cfg.vocab_size:
-            raise ExportError(f"the tokenizer at {tokenizer_dir} has {tok.vocab_size} pieces but the model embeds only "
-                              f"{model_cfg.vocab_size}: export with the tokenizer the model was trained with.")
         tok.save(tmp / TOKENIZER_SUBDIR)
         write_hf_tokenizer(tok, tmp, kind=model_cfg.family, model_max_length=model_cfg.max_seq_len)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("exported %s (%s, %.2fM parameters) to %s", arch, model_cfg.family,
-             sum(t.numel() for t in tensors.values()) / 1e6, out)
-    return out
 
 
 def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
