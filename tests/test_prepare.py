@@ -45,6 +45,7 @@ def test_shakespeare_gpt_dataset(tmp_path, corpus_path, tok):
     assert d["tokenizer"]["hash"] == tok.hash and d["tokenizer"]["vocab_size"] == 500
     assert d["token_dtype"] == "uint16"
     assert Tokenizer.load(out / "tokenizer").hash == tok.hash  # the dataset carries its tokenizer
+    assert Tokenizer.load(out).hash == tok.hash  # and a dataset folder can stand for it
     docs = [t for _, t in iter_documents([corpus_path])]
     st = d["stats"]
     assert st["documents_read"] == st["documents_written"] == len(docs) and st["documents_skipped"] == 0

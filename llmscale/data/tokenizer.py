@@ -74,9 +74,11 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load from a tokenizer folder (or the .model file itself)."""
+        """Load from a tokenizer folder, a folder holding ``tokenizer/`` (a dataset), or the .model file."""
         p = Path(path)
         model = p / MODEL_FILE if p.is_dir() else p
+        if p.is_dir() and not model.is_file() and (p / "tokenizer" / MODEL_FILE).is_file():
+            model = p / "tokenizer" / MODEL_FILE  # a dataset or exported-model folder carrying its tokenizer
         if not model.is_file():
             raise TokenizerError(
                 f"No tokenizer at {p} (expected {MODEL_FILE}). Train one with "
