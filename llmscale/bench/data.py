@@ -113,25 +113,26 @@ def bench_prepare(inputs: Sequence[Path], workdir: Path, *, num_proc: int, vocab
     return res, out
 
 
-def _loader_rate(loader, *, seconds: float, rounds: int) -> float:
-    """Best tokens/s of ``next_step()`` over several rounds of about ``seconds`` each."""
+def _loader_rate(loader, *, tokens: int, rounds: int) -> float:
+    """Best tokens/s of ``next_step()`` over ``rounds`` rounds of about ``tokens`` input tokens each.
+
+    Rounds as long as the raw read's, so that both are timed the same way on a shared machine."""
     loader.next_step()
+    per_step = loader.per_rank * loader.seq_len
+    steps = max(1, -(-tokens // per_step))
     best = 0.0
     for _ in range(rounds):
-        n = 0
         t0 = time.perf_counter()
-        while True:
+        n = 0
+        for _ in range(steps):
             for mb in loader.next_step():
                 n += mb["input_ids"].numel()
-            dt = time.perf_counter() - t0
-            if dt >= seconds:
-                break
-        best = max(best, n / dt)
+        best = max(best, n / (time.perf_counter() - t0))
     return best
 
 
-def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch: int, seconds: float,
-                 rounds: int, num_workers: int) -> dict:
+def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch: int, rounds: int,
+                 num_workers: int) -> dict:
     from llmscale.config import DataConfig
     from llmscale.data.loader import build_loader
     from llmscale.data.shards import read_manifest
@@ -152,7 +153,7 @@ def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch:
 
     raw_read()  # both read from the page cache
     nbytes = sum(f.stat().st_size for f in files)
-    t_raw = _best(raw_read, rounds=max(3, rounds))
+    t_raw = _best(raw_read, rounds=rounds)
     raw_rate = ntok / t_raw  # tokens of the files per second
 
     # The floor of any loader that hands out int64 inputs and labels: casting every memory-mapped
@@ -168,9 +169,9 @@ def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch:
             np.copyto(dst[: len(v.tokens)], v.tokens, casting="unsafe")
 
     cast_bound()
-    cast_rate = ntok / _best(cast_bound, rounds=max(3, rounds))
+    cast_rate = ntok / _best(cast_bound, rounds=rounds)
     ld = mk(0)
-    rate = _loader_rate(ld, seconds=seconds, rounds=rounds)
+    rate = _loader_rate(ld, tokens=ntok, rounds=rounds)
     res = {
         "seq_len": seq_len,
         "micro_batch": micro_batch,
@@ -189,12 +190,12 @@ def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch:
     }
     if num_workers > 0:
         ldw = mk(num_workers)
-        res[f"loader_tokens_per_s_num_workers_{num_workers}"] = round(_loader_rate(ldw, seconds=seconds, rounds=rounds))
+        res[f"loader_tokens_per_s_num_workers_{num_workers}"] = round(_loader_rate(ldw, tokens=ntok, rounds=rounds))
         ldw.close()
     # a different dp size reads the same stream; its per-process rate is what a rank sees
     ld2 = build_loader(DataConfig(path=str(dataset), seq_len=seq_len), dp_rank=1, dp_size=2,
                        global_batch_size=global_batch, micro_batch_size=micro_batch)
-    res["loader_tokens_per_s_rank1_of_2"] = round(_loader_rate(ld2, seconds=seconds / 2, rounds=rounds))
+    res["loader_tokens_per_s_rank1_of_2"] = round(_loader_rate(ld2, tokens=ntok // 2, rounds=rounds))
     return res
 
 
@@ -223,7 +224,7 @@ def bench_open(workdir: Path, *, shards: int = 100, rounds: int = 5) -> dict:
 
 
 def run(*, inputs: Optional[Sequence[str]], num_proc: Optional[int], target_mb: float, vocab_size: int,
-        seq_len: int, micro_batch: int, global_batch: int, seconds: float, rounds: int, num_workers: int,
+        seq_len: int, micro_batch: int, global_batch: int, rounds: int, loader_rounds: int, num_workers: int,
         workdir: Optional[str] = None, keep: bool = False) -> dict:
     num_proc = num_proc or max(1, len(os.sched_getaffinity(0)))
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="llmscale-bench-data-"))
@@ -235,7 +236,7 @@ def run(*, inputs: Optional[Sequence[str]], num_proc: Optional[int], target_mb: 
                                           rounds=rounds)
         log.info("bench data: loader")
         load_res = bench_loader(dataset, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
-                                seconds=seconds, rounds=rounds, num_workers=num_workers)
+                                rounds=loader_rounds, num_workers=num_workers)
         log.info("bench data: opening 100 shards")
         open_res = bench_open(wd)
     finally:
@@ -268,8 +269,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="Loader sequence length.")
     p.add_argument("--micro-batch", type=int, default=8, help="Loader micro-batch size.")
     p.add_argument("--global-batch", type=int, default=64, help="Loader global batch size (one process).")
-    p.add_argument("--seconds", type=float, default=1.0, help="Length of one loader timing round.")
-    p.add_argument("--rounds", type=int, default=3, help="Timing rounds (the best is reported).")
+    p.add_argument("--rounds", type=int, default=3, help="Timing rounds of prepare and the raw encode (the best is reported).")
+    p.add_argument("--loader-rounds", type=int, default=10,
+                   help="Timing rounds of the loader and of the raw read, each over the whole train split (the best is reported).")
     p.add_argument("--num-workers", type=int, default=1, help="Also time the loader with this many prefetch threads (0 = skip).")
     p.add_argument("--workdir", default=None, help="Folder for the corpus copy and datasets (default: a temp dir).")
     p.add_argument("--keep", action="store_true", help="Keep --workdir afterwards.")
@@ -278,7 +280,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     res = run(inputs=args.input, num_proc=args.num_proc, target_mb=args.target_mb, vocab_size=args.vocab_size,
               seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
-              seconds=args.seconds, rounds=args.rounds, num_workers=args.num_workers, workdir=args.workdir,
+              rounds=args.rounds, loader_rounds=args.loader_rounds, num_workers=args.num_workers, workdir=args.workdir,
               keep=args.keep)
     text = json.dumps(res, indent=2)
     if args.output:

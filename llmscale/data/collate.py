@@ -24,6 +24,7 @@ selected tokens become ``[MASK]`` (80%), a random non-special token (10%) or sta
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -118,15 +119,17 @@ def gpt_windows(
     if B == 0:
         return inputs, labels
     starts = np.asarray(samples, dtype=np.int64) * T
-    shard = np.searchsorted(stream.cum, starts, side="right") - 1
-    local = starts - stream.cum[shard]
-    inside = local + (T + 1) <= stream.sizes[shard]
-    k0 = int(shard[0])
-    if inside.all() and (shard == k0).all():  # the common case: one shard, no boundary, no padding
-        rows = stream.windows(k0, T)[(local - stream.window_offset(k0, T)) // T]  # (B, T+1), token dtype
+    lo, hi = int(starts.min()), int(starts.max())
+    k0 = bisect.bisect_right(stream._cum_list, lo) - 1
+    if hi + T + 1 <= stream._cum_list[k0 + 1]:  # the common case: one shard, no boundary, no padding
+        j = (starts - (stream._cum_list[k0] + stream.window_offset(k0, T))) // T
+        rows = stream.windows(k0, T)[j]  # (B, T+1), token dtype
         np.copyto(inputs, rows[:, :T], casting="unsafe")
         np.copyto(labels, rows[:, 1:], casting="unsafe")
         return inputs, labels
+    shard = np.searchsorted(stream.cum, starts, side="right") - 1
+    local = starts - stream.cum[shard]
+    inside = local + (T + 1) <= stream.sizes[shard]
     for k in np.unique(shard[inside]).tolist():
         sel = np.flatnonzero(inside & (shard == k))
         rows = stream.windows(k, T)[(local[sel] - stream.window_offset(k, T)) // T]

@@ -188,6 +188,12 @@ class SampleOrder:
                 within = positions[sel] - b * self.block
                 src[sel] = bs[within]
                 nth[sel] = bn[within]
+        if len(self.sizes) == 1 and len(positions):
+            size = int(self.sizes[0])
+            e0 = int(positions[0]) // size
+            if int(positions[-1]) // size == e0 and positions[-1] >= positions[0]:  # one epoch (the common case)
+                local = positions - e0 * size
+                return src, (self.permutation(0, e0)[local] if self.shuffle else local)
         sample = np.empty(len(positions), dtype=np.int64)
         epoch = nth // self.sizes[src]
         local = nth - epoch * self.sizes[src]
@@ -313,9 +319,8 @@ class TokenLoader:
         # contiguous row block of it.
         arrays = self._collate(positions, sources, samples, tag=_TAG_MASK)
         arrays["sample_ids"] = ids
-        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        mbs = self.micro_batch_size
-        out = [{k: t[m * mbs : (m + 1) * mbs] for k, t in tensors.items()} for m in range(self.grad_accum_steps)]
+        parts = {k: torch.from_numpy(v).chunk(self.grad_accum_steps) for k, v in arrays.items()}
+        out = [{k: p[m] for k, p in parts.items()} for m in range(self.grad_accum_steps)]
         return out
 
     def next_step(self) -> list[dict]:
