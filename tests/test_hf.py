@@ -88,6 +88,24 @@ def test_bert_tokenizer_wraps_with_cls_sep(tok_dir, tmp_path):
     assert enc["input_ids"] == [tok.cls_id] + a + [tok.sep_id] + b + [tok.sep_id]
     assert enc["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
     assert hf.decode(enc["input_ids"], skip_special_tokens=True) == "To be, or notto be"
+    # transformers' convention for BERT: "<mask>" in the text is the mask id (fill-mask works) ...
+    assert hf("to <mask> or", add_special_tokens=False)["input_ids"] == tok.encode("to ") + [tok.mask_id] + tok.encode(" or")
+    # ... and llmscale's spelling of that text is one switch away
+    hf.split_special_tokens = True
+    assert hf("to <mask> or", add_special_tokens=False)["input_ids"] == tok.encode("to <mask> or")
+
+
+def test_fill_mask_pipeline_on_an_exported_bert(exported):
+    from transformers import pipeline
+
+    model, folder = exported["bert"]
+    fill = pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
+    preds = fill("To be, or not to <mask>", top_k=3)
+    tok = Tokenizer.load(folder / "tokenizer")
+    ids = torch.tensor([[tok.cls_id] + tok.encode("To be, or not to ") + [tok.mask_id, tok.sep_id]])
+    with torch.no_grad():
+        want = model(ids).logits[0, -2].topk(3).indices.tolist()
+    assert [p["token"] for p in preds] == want
 
 
 # --------------------------------------------------------------------------- models

@@ -17,8 +17,11 @@ what llmscale's trainer options ask of SentencePiece (see llmscale/data/tokenize
   transformers, while SentencePiece spells it with ordinary pieces. BPE (the default) and char models
   are exact for all text;
 - the special pieces ``<pad> <unk> <s> </s> <cls> <sep> <mask>`` are SentencePiece control symbols: their
-  text inside a document is spelled with ordinary pieces, and so it is here (``split_special_tokens``);
-  they are still special tokens that templates insert by id and ``skip_special_tokens`` drops;
+  text inside a document is spelled with ordinary pieces. GPT exports do the same
+  (``split_special_tokens``), so their ids equal llmscale's for every text. BERT exports follow the
+  transformers convention instead: "<mask>" written in the text is the mask id (what fill-mask needs);
+  set ``tokenizer.split_special_tokens = True`` for llmscale's spelling. Either way they are special
+  tokens that templates insert by id and ``skip_special_tokens`` drops;
 - decoder: ``"▁" -> " "``, byte pieces -> UTF-8 (``ByteFallback`` + ``Fuse``), no prefix stripping.
 
 The file declares the generic ``TokenizersBackend`` class, which loads tokenizer.json as written
@@ -114,13 +117,14 @@ def build_hf_tokenizer(tok: Tokenizer, *, kind: Literal["gpt", "bert"] = "gpt"):
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     # llmscale's special pieces are SentencePiece control symbols: the text "<mask>" in a document is spelled
     # with ordinary pieces, never turned into the mask id. transformers registers every named special token
-    # as an added token matched in text, so matching is switched off (encode_special_tokens /
-    # split_special_tokens); the ids are still known, so templates and skip_special_tokens work. A
-    # user-defined symbol (matched in text by SentencePiece) would stay a normal added token.
+    # as an added token matched in text, so for GPT matching is switched off (encode_special_tokens /
+    # split_special_tokens); the ids stay known, so templates and skip_special_tokens work. BERT keeps
+    # transformers' convention (text "<mask>" -> mask id) for fill-mask. A user-defined symbol (matched in
+    # text by SentencePiece) would stay a normal added token.
     specials = [AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)]
     hf.add_special_tokens(specials)
     hf.add_tokens([AddedToken(p, special=False, normalized=False) for p, _, t in pieces if t == _USER_DEFINED])
-    hf.encode_special_tokens = True
+    hf.encode_special_tokens = kind != "bert"
     if kind == "bert":
         cls, sep = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"]
         hf.post_processor = processors.TemplateProcessing(
@@ -148,7 +152,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer | str | Path, out_dir: str | Path, *
         "tokenizer_class": "TokenizersBackend",
         **special,
         "clean_up_tokenization_spaces": False,
-        "split_special_tokens": True,
+        "split_special_tokens": kind != "bert",
         "model_max_length": model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
         "llmscale_tokenizer_hash": tok.hash,
     }
