@@ -319,10 +319,9 @@ def train_tokenizer(
     except RuntimeError as e:
         raise TokenizerError(_explain(str(e), vocab_size=vocab_size, model_type=model_type, coverage=coverage)) from None
     data = model.getvalue()
-    tmp = out / (MODEL_FILE + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out / MODEL_FILE)
     sp = spm.SentencePieceProcessor(model_proto=data)
+    # vocab and meta first, the model last (atomically): a folder whose model loads is complete
+    (out / MODEL_FILE).unlink(missing_ok=True)
     with open(out / VOCAB_FILE, "w", encoding="utf-8") as f:
         for i in range(sp.get_piece_size()):
             f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n")
@@ -332,6 +331,12 @@ def train_tokenizer(
         "trained_on": [str(i) for i in inputs],
         "sample_sentences": len(sentences),
     })
+    tmp = out / (MODEL_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MODEL_FILE)
     tok = Tokenizer.load(out)
     log.info("tokenizer written to %s: %s", out, tok)
     return tok
