@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # Exception classes whose message is meant for the user (no traceback).
-_USER_ERRORS = {"DatasetError", "TokenizerError", "PrepareError", "CheckpointError", "LayoutError", "ExportError"}
+_USER_ERRORS = {"DatasetError", "TokenizerError", "PrepareError", "CheckpointError", "LayoutError", "ExportError",
+                "QuickstartError"}
 
 
 if __name__ == "__main__":

@@ -85,13 +85,17 @@ class _Window:
 class Trainer:
     """Runs ``cfg.train.steps`` optimizer steps of ``engine`` on ``loader``'s batches (see module doc).
 
-    ``checkpoints``: a :class:`llmscale.checkpoint.CheckpointManager` (or None: no checkpoints).
-    ``should_stop``: a callable returning True once every rank agreed to stop (preemption); the loop then
-    saves (``force=True``) and returns early. ``flops_per_token``: training FLOPs per token for MFU."""
+    ``checkpoints``: a :class:`llmscale.checkpoint.CheckpointManager` (or None: no checkpoints); after
+    ``train.max_bad_steps`` skipped (non-finite) steps in a row it rolls the run back to its newest checkpoint.
+    ``should_stop``: a collective returning True on every rank once any rank was asked to stop (preemption,
+    :class:`llmscale.signals.Preemption`); the loop then saves (``force=True``) and returns with
+    ``stopped=True``. ``flops_per_token``: training FLOPs per token, for MFU.
+    ``resume_from`` / ``no_resume``: passed to ``checkpoints.resume``."""
 
     def __init__(self, cfg: Any, *, engine: Any, loader: Any, world: Any, metrics: MetricsLogger,
                  flops_per_token: Optional[float] = None, checkpoints: Any = None,
-                 should_stop: Optional[Callable[[], bool]] = None) -> None:
+                 should_stop: Optional[Callable[[], bool]] = None, resume_from: Optional[str] = None,
+                 no_resume: bool = False) -> None:
         self.cfg = cfg
         self.engine = engine
         self.loader = loader
@@ -100,6 +104,8 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.checkpoints = checkpoints
         self.should_stop = should_stop
+        self.resume_from = resume_from
+        self.no_resume = no_resume
         self.state = TrainState()
         self.peak_flops = device_peak_flops()
         self.seq_len = cfg.data.seq_len
@@ -115,7 +121,8 @@ class Trainer:
         cfg = self.cfg.train
         total = cfg.steps
         if self.checkpoints is not None:
-            resumed = self.checkpoints.resume(self.engine, self.stateful())
+            resumed = self.checkpoints.resume(self.engine, self.stateful(), resume_from=self.resume_from,
+                                              no_resume=self.no_resume)
             if resumed is not None:
                 log.info("resumed at step %d (%d tokens seen)", self.state.step, self.state.tokens_seen)
         self.metrics.total_steps = total
@@ -123,6 +130,11 @@ class Trainer:
             log.info("the run is already at step %d of train.steps=%d: nothing to train. Raise train.steps to continue.",
                      self.state.step, total)
         window = _Window()
+        guard = None
+        if self.checkpoints is not None and cfg.max_bad_steps:
+            from llmscale.checkpoint import BadStepGuard
+
+            guard = BadStepGuard(cfg.max_bad_steps)
         stopped = False
         t_last = time.perf_counter()
         while self.state.step < total:
@@ -144,6 +156,12 @@ class Trainer:
             if step % cfg.log_every == 0 or last:
                 self._log_train(window, result.lr)
                 window.reset()
+            if guard is not None and guard.update(result.skipped):
+                # the same decision on every rank: StepResult.skipped is agreed by the engine
+                self.checkpoints.rollback(self.engine, self.stateful())
+                window.reset()
+                t_last = time.perf_counter()
+                continue
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                 self.evaluate()
             stop = self.should_stop() if self.should_stop is not None else False

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=500 run_dir=runs/x")
     p.add_argument("--no-final-weights", action="store_true",
                    help=f"Do not write the consolidated weights to RUN_DIR/{FINAL_DIR}/{FINAL_WEIGHTS} at the end.")
+    p.add_argument("--resume-from", default=None,
+                   help="Resume from this checkpoint (or run/checkpoints folder) instead of RUN_DIR's newest.")
+    p.add_argument("--no-resume", action="store_true",
+                   help="Start from scratch even if RUN_DIR has checkpoints (they are moved aside, not deleted).")
     p.add_argument("--log-all-ranks", action="store_true", help="Log from every rank, not only rank 0.")
 
 
@@ -47,9 +51,14 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(RunConfig, args.config, args.overrides)
     if args.log_all_ranks:
         cfg.train.log_all_ranks = True
-    summary = run(cfg, final_weights=not args.no_final_weights)
+    summary = run(cfg, final_weights=not args.no_final_weights, resume_from=args.resume_from,
+                  no_resume=args.no_resume)
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}))
+    if summary.get("stopped"):
+        from llmscale.signals import EXIT_REQUEUE
+
+        return EXIT_REQUEUE  # saved on request (preemption): run the same command again to resume
     return 0
 
 
@@ -139,30 +148,8 @@ def _world():
     return world
 
 
-def _stop_flag(world: Any):
-    """A callable telling the loop that every rank agreed to stop (SIGTERM/SIGUSR1 preemption), or None."""
-    try:
-        from llmscale import signals
-    except ImportError:
-        return None
-    install = getattr(signals, "install_handlers", None) or getattr(signals, "install", None)
-    agreed = getattr(signals, "stop_agreed", None) or getattr(signals, "should_stop", None)
-    if install is None or agreed is None:
-        return None
-    install()
-    return agreed
-
-
-def _checkpoint_manager(cfg: RunConfig, world: Any):
-    try:
-        from llmscale.checkpoint import CheckpointManager
-    except ImportError:
-        log.warning("llmscale.checkpoint is not available: this run writes no checkpoints")
-        return None
-    return CheckpointManager(cfg, world=world)
-
-
-def run(cfg: RunConfig, *, final_weights: bool = True) -> dict:
+def run(cfg: RunConfig, *, final_weights: bool = True, resume_from: str | None = None,
+        no_resume: bool = False) -> dict:
     """Train per ``cfg`` in this process (one rank of the job). Returns the final counters and val metrics."""
     import torch
 
@@ -175,11 +162,13 @@ def run(cfg: RunConfig, *, final_weights: bool = True) -> dict:
     world = _world()
 
     from llmscale import dist as ldist
+    from llmscale.checkpoint import CheckpointManager
     from llmscale.data.loader import build_loader
     from llmscale.data.tokenizer import Tokenizer
     from llmscale.engine import build_engine, check_layout, solve_batch
     from llmscale.metrics import MetricsLogger
     from llmscale.models import build_model
+    from llmscale.signals import Preemption
     from llmscale.trainer import Trainer
 
     check_layout(cfg, world.world_size)
@@ -191,6 +180,7 @@ def run(cfg: RunConfig, *, final_weights: bool = True) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             _record_tokenizer(manifests[0], run_dir)
             save_resolved(cfg, run_dir / CONFIG_FILE)
+        torch.distributed.barrier()  # RUN_DIR/tokenizer exists for every rank from here on
         tok = Tokenizer.load(manifests[0].tokenizer_dir())
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
@@ -206,17 +196,20 @@ def run(cfg: RunConfig, *, final_weights: bool = True) -> dict:
             pad_id=tok.pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
             vocab_size=cfg.model.vocab_size, shuffle=True,
         )
-        manager = _checkpoint_manager(cfg, world)
+        manager = CheckpointManager(cfg, world=world)
+        preemption = Preemption()  # SIGTERM / SIGUSR1 -> save at the next step boundary, exit 75 (requeue)
         metrics = MetricsLogger(run_dir, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
                                 total_steps=cfg.train.steps)
         try:
             trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics, flops_per_token=flops,
-                              checkpoints=manager, should_stop=_stop_flag(world))
+                              checkpoints=manager, should_stop=preemption.should_stop, resume_from=resume_from,
+                              no_resume=no_resume)
             summary = trainer.fit()
         finally:
+            preemption.uninstall()
             metrics.close()
             loader.close()
-        if final_weights:
+        if final_weights and not summary["stopped"]:
             state = engine.full_state_dict()  # collective; the weights land on rank 0
             if world.is_main:
                 out = run_dir / FINAL_DIR
