@@ -39,7 +39,6 @@ import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -47,7 +46,6 @@ import torch
 
 from llmscale.config import ConfigError, DataConfig
 from llmscale.data.collate import (
-    IGNORE,
     BertSamples,
     MaskSpec,
     TokenStream,
@@ -285,25 +283,26 @@ class TokenLoader:
 
     # ---------------------------------------------------------------- batches
 
-    def _collate(self, positions: np.ndarray, src: np.ndarray, sample: np.ndarray, *, tag: int) -> dict[str, np.ndarray]:
-        """The numpy arrays of these stream positions' samples (rows in the given order)."""
+    def _collate(self, splits: list[DatasetSplit], positions: np.ndarray, src: np.ndarray, sample: np.ndarray, *,
+                 tag: int) -> dict[str, np.ndarray]:
+        """The numpy arrays of these positions' samples (rows in the given order); src indexes ``splits``."""
         n = len(positions)
         if self.kind == "gpt":
             out = (np.empty((n, self.seq_len), dtype=np.int64), np.empty((n, self.seq_len), dtype=np.int64))
             inp, lab = out
-            if len(self.splits) == 1:
-                gpt_windows(self.splits[0].stream, sample, seq_len=self.seq_len, pad_id=self.spec.pad_id, out=out)
+            if len(splits) == 1:
+                gpt_windows(splits[0].stream, sample, seq_len=self.seq_len, pad_id=self.spec.pad_id, out=out)
             else:
                 for d in np.unique(src).tolist():
                     sel = src == d
                     inp[sel], lab[sel] = gpt_windows(
-                        self.splits[d].stream, sample[sel], seq_len=self.seq_len, pad_id=self.spec.pad_id)
+                        splits[d].stream, sample[sel], seq_len=self.seq_len, pad_id=self.spec.pad_id)
             return {"input_ids": inp, "labels": lab}
         rngs = [sample_rng(self.seed, tag, int(p)) for p in positions.tolist()]
         parts: dict[str, np.ndarray] = {}
         for d in np.unique(src).tolist():
             sel = np.flatnonzero(src == d)
-            sp = self.splits[d]
+            sp = splits[d]
             b = bert_batch(sp.stream, sp.table, sample[sel], [rngs[i] for i in sel.tolist()], self.spec)
             for k, v in b.items():
                 if k not in parts:
@@ -317,7 +316,7 @@ class TokenLoader:
         sources, samples, ids = self._ids_at(positions)
         # The whole step in one go (one allocation, fixed costs paid once); each micro-batch is then a
         # contiguous row block of it.
-        arrays = self._collate(positions, sources, samples, tag=_TAG_MASK)
+        arrays = self._collate(self.splits, positions, sources, samples, tag=_TAG_MASK)
         arrays["sample_ids"] = ids
         parts = {k: torch.from_numpy(v).chunk(self.grad_accum_steps) for k, v in arrays.items()}
         out = [{k: p[m] for k, p in parts.items()} for m in range(self.grad_accum_steps)]
@@ -440,18 +439,10 @@ class TokenLoader:
             pos = np.where(pos >= total, 0, pos)
             src = np.searchsorted(offsets, pos, side="right") - 1
             sample = pos - offsets[src]
-            arrays = self._collate_eval(splits, pos, src, sample)
+            arrays = self._collate(splits, pos, src, sample, tag=_TAG_EVAL)
             ignore_rows(arrays, pad_rows)
             arrays["sample_ids"] = pos
             yield {k2: torch.from_numpy(v) for k2, v in arrays.items()}
-
-    def _collate_eval(self, splits, pos, src, sample) -> dict[str, np.ndarray]:
-        saved = self.splits
-        try:
-            self.splits = splits
-            return self._collate(pos, src, sample, tag=_TAG_EVAL)
-        finally:
-            self.splits = saved
 
 
 # --------------------------------------------------------------------------- building
