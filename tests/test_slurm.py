@@ -314,23 +314,83 @@ def _records(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, f.read_text().splitlines()) if r.get("kind") == kind]
 
 
-def test_train_sbatch_runs_two_ranks(slurm_cluster, tiny_dataset, tmp_path):
-    """slurm/train.sbatch as submitted by a user: srun starts 2 ranks that train to the end."""
-    run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=20)
-    log = tmp_path / "train.out"
+STEPS = 300  # enough that a preemption signal lands mid-run; a step takes ~0.03 s on one CPU
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(slurm_cluster, tiny_dataset, tmp_path_factory) -> dict:
+    """slurm/train.sbatch as a user submits it, run to the end: {log, info, run_dir}."""
+    root = tmp_path_factory.mktemp("slurm-train")
+    run_dir = root / "run"
+    cfg = _tiny_config(root / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=STEPS)
+    log = root / "train.out"
     jid = slurm_cluster.sbatch(
-        TRAIN_SBATCH, str(cfg), "train.eval_every=10",
+        TRAIN_SBATCH, str(cfg), "train.eval_every=100",
         options=(*_CPU_JOB, f"--output={log}"),
         env={"PYTHON": sys.executable, "LLMSCALE_DIR": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
     info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180, log=log)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text
+    return {"log": log.read_text(), "info": info, "run_dir": run_dir}
+
+
+def test_train_sbatch_runs_two_ranks(uninterrupted_run):
+    """srun starts 2 ranks (one per 'GPU' slot) on the CPU node; they train to the end."""
+    text, info, run_dir = uninterrupted_run["log"], uninterrupted_run["info"], uninterrupted_run["run_dir"]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text
     assert "procs/node=2" in text and "accelerator=cpu" in text and "dp=2" in text, text
     assert "training step exited with code 0" in text, text
     steps = [r["step"] for r in _records(run_dir)]
-    assert steps and steps[-1] == 20, steps
-    assert [r["step"] for r in _records(run_dir, "val")] == [10, 20]  # the override reached the trainer
+    assert steps and steps[-1] == STEPS, steps
+    assert [r["step"] for r in _records(run_dir, "val")] == [100, 200, 300]  # the override reached the trainer
     assert (run_dir / "final" / "model.pt").is_file()
-    assert info["Restarts"] == "0"
+
+
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_dataset, uninterrupted_run, tmp_path):
+    """The early-warning signal of a preemption, sent the way --signal=B:USR1@300 sends it (to the batch
+    shell only): the script forwards it, the ranks save at a step boundary and exit with the requeue
+    code, the script runs `scontrol requeue`, and the second run resumes from that checkpoint and ends
+    where the uninterrupted run ended."""
+    from llmscale.checkpoint import list_checkpoints
+    from llmscale.signals import EXIT_REQUEUE
+
+    steps = STEPS
+    run_dir = tmp_path / "run"
+    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=steps)
+    log = tmp_path / "train.out"
+    jid = slurm_cluster.sbatch(
+        TRAIN_SBATCH, str(cfg),
+        options=(*_CPU_JOB, f"--output={log}"),
+        env={"PYTHON": sys.executable, "LLMSCALE_DIR": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not _records(run_dir):  # training is under way (the signal handlers are installed)
+        info = slurm_cluster.job(jid)
+        assert not _finished(info) and time.monotonic() < deadline, \
+            f"training never started: {info.get('JobState')}\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.2)
+    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(jid))
+
+    info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), timeout=240, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "got SIGUSR1" in text, text
+    assert f"training step exited with code {EXIT_REQUEUE}" in text, text
+    assert "requeueing job" in text and "restart 1] nodes=" in text, text  # a second run of the same job
+
+    saved = [c.step for c in list_checkpoints(run_dir) if c.complete]
+    assert saved and saved[-1] == steps, saved  # the end-of-run save
+    preempt_step = saved[0]
+    assert 0 < preempt_step < steps, saved  # the save made on the signal (every_steps=0: no periodic saves)
+    resumed = [int(s) for s in re.findall(r"resumed at step (\d+)", text)]
+    assert resumed == [preempt_step], text
+
+    # metrics.jsonl is appended by both runs: the second continues where the first stopped.
+    logged = [r["step"] for r in _records(run_dir)]
+    assert logged == sorted(set(logged)) and logged[-1] == steps, logged
+    assert any(s <= preempt_step for s in logged) and any(s > preempt_step for s in logged), logged
+
+    # Exact resume: the interrupted-and-requeued run ends with the uninterrupted run's validation loss.
+    val, ref = _records(run_dir, "val"), _records(uninterrupted_run["run_dir"], "val")
+    assert val and ref and val[-1]["step"] == ref[-1]["step"] == steps
+    assert val[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5), (val[-1], ref[-1])
