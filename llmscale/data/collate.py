@@ -239,54 +239,73 @@ class MaskSpec:
         return max(self.pad_id, self.mask_id, self.cls_id, self.sep_id) + 1
 
 
-def sample_rng(seed: int, tag: int, key: int) -> np.random.Generator:
-    """A generator that depends only on (seed, tag, key): the same on every rank and every run."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, tag, key])))
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective avalanche of uint64 values (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, tag: int, positions: np.ndarray, n: int, lane: int) -> np.ndarray:
+    """Counter-based uniforms in [0, 1), shape (len(positions), n): a pure function of
+    (seed, tag, stream position, lane, column), so identical on every rank, run and prefetch thread,
+    and computed for a whole batch in a few vectorized operations."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([seed % (1 << 64)], dtype=np.uint64))
+        key = _mix64(key ^ np.uint64(tag))
+        key = _mix64(key ^ np.uint64(lane + 1))
+        row = _mix64(np.asarray(positions, dtype=np.uint64) * _GOLDEN ^ key)  # (B,)
+        ctr = row[:, None] + (np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)[None, :]  # (B, n)
+        return (_mix64(ctr) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def bert_batch(
     stream: TokenStream,
     table: BertSamples,
     samples: np.ndarray,
-    rngs: Sequence[np.random.Generator],
+    positions: np.ndarray,
     spec: MaskSpec,
+    *,
+    seed: int,
+    tag: int,
 ) -> dict[str, np.ndarray]:
-    """Masked-LM (+NSP) arrays for these sample indices; ``rngs[r]`` drives row r's randomness."""
+    """Masked-LM (+NSP) arrays for these sample indices. Row r's randomness (mask choice, NSP coin,
+    random segment) depends only on (seed, tag, positions[r]): dp-size invariant and reproducible."""
+    samples = np.asarray(samples, dtype=np.int64)
     B, T = len(samples), spec.seq_len
     ids = np.full((B, T), spec.pad_id, dtype=np.int64)  # (B, T)
     tti = np.zeros((B, T), dtype=np.int64)
     att = np.zeros((B, T), dtype=np.int64)
     nsp_label = np.zeros(B, dtype=np.int64)
-    u_select = np.empty((B, T))
-    u_kind = np.empty((B, T))
-    rand_tok = np.empty((B, T), dtype=np.int64)
     cap = T - 3
     S = len(table)
-    for r, j in enumerate(np.asarray(samples).tolist()):
-        rng = rngs[r]
-        st, ln, al = int(table.start[j]), int(table.length[j]), int(table.a_len[j])
-        a = stream.read(st, st + al)
-        b = stream.read(st + al, st + ln)
-        if spec.nsp and rng.random() < 0.5:
-            doc = table.doc[j]
-            for _ in range(16):  # another document; ≥ 2 documents are checked when the loader is built
-                o = int(rng.integers(S))
-                if table.doc[o] != doc:
-                    break
-            ost, oln = int(table.start[o]), int(table.length[o])
-            b = stream.read(ost, ost + min(oln, cap - al))
-            nsp_label[r] = 1
-        na, nb_ = len(a), len(b)
+    st, ln, al = table.start[samples], table.length[samples], table.a_len[samples]
+    b_start, b_len = st + al, ln - al
+    if spec.nsp and B:
+        coin = uniforms(seed, tag, positions, 1, 0)[:, 0] < 0.5
+        cand = np.minimum((uniforms(seed, tag, positions, 16, 1) * S).astype(np.int64), S - 1)  # (B, 16)
+        other = table.doc[cand] != table.doc[samples][:, None]  # a segment of another document
+        pick = cand[np.arange(B), np.argmax(other, axis=1)]
+        swap = coin & other.any(axis=1)  # >= 2 documents are checked when the loader is built
+        b_start = np.where(swap, table.start[pick], b_start)
+        b_len = np.where(swap, np.minimum(table.length[pick], cap - al), b_len)
+        nsp_label = swap.astype(np.int64)
+    for r, (s0, na, bs, nb_) in enumerate(zip(st.tolist(), al.tolist(), b_start.tolist(), b_len.tolist())):
         ids[r, 0] = spec.cls_id
-        ids[r, 1 : 1 + na] = a
+        ids[r, 1 : 1 + na] = stream.read(s0, s0 + na)
         ids[r, 1 + na] = spec.sep_id
-        ids[r, 2 + na : 2 + na + nb_] = b
+        ids[r, 2 + na : 2 + na + nb_] = stream.read(bs, bs + nb_)
         ids[r, 2 + na + nb_] = spec.sep_id
         tti[r, 2 + na : 3 + na + nb_] = 1
         att[r, : 3 + na + nb_] = 1
-        u_select[r] = rng.random(T)
-        u_kind[r] = rng.random(T)
-        rand_tok[r] = rng.integers(spec.random_low, spec.vocab_size, size=T)
+    u_select = uniforms(seed, tag, positions, T, 2)
+    u_kind = uniforms(seed, tag, positions, T, 3)
+    rand_tok = spec.random_low + (uniforms(seed, tag, positions, T, 4) * (spec.vocab_size - spec.random_low)).astype(np.int64)
     special = (ids == spec.pad_id) | (ids == spec.cls_id) | (ids == spec.sep_id) | (ids == spec.mask_id)
     selected = (u_select < spec.mlm_probability) & (att == 1) & ~special
     labels = np.where(selected, ids, IGNORE)

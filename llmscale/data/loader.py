@@ -54,7 +54,6 @@ from llmscale.data.collate import (
     gpt_num_samples,
     gpt_windows,
     ignore_rows,
-    sample_rng,
 )
 from llmscale.data.shards import DatasetError, Manifest, open_shard, read_manifest
 from llmscale.log import get_logger
@@ -298,12 +297,11 @@ class TokenLoader:
                     inp[sel], lab[sel] = gpt_windows(
                         splits[d].stream, sample[sel], seq_len=self.seq_len, pad_id=self.spec.pad_id)
             return {"input_ids": inp, "labels": lab}
-        rngs = [sample_rng(self.seed, tag, int(p)) for p in positions.tolist()]
         parts: dict[str, np.ndarray] = {}
         for d in np.unique(src).tolist():
             sel = np.flatnonzero(src == d)
             sp = splits[d]
-            b = bert_batch(sp.stream, sp.table, sample[sel], [rngs[i] for i in sel.tolist()], self.spec)
+            b = bert_batch(sp.stream, sp.table, sample[sel], positions[sel], self.spec, seed=self.seed, tag=tag)
             for k, v in b.items():
                 if k not in parts:
                     parts[k] = np.empty((n,) + v.shape[1:], dtype=v.dtype)
