@@ -7,6 +7,7 @@ Three measurements, each beside its reference taken in the same run:
   pieces, the same number of threads) -- target >= 80 %;
 * loader throughput (GPT input tokens per second in one process, ``next_step()``) against a raw read
   of the same shard files (``np.fromfile`` + sum) -- targets >= 25 % and >= 10 M tokens/s;
+* BERT masked-LM batches (with and without NSP) per second, for information (no target);
 * the time to open a 100-shard dataset (``build_loader``) -- target < 1 s.
 
 Timings are the best of several rounds: the machine may be shared, and the best round is the one
@@ -199,6 +200,24 @@ def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch:
     return res
 
 
+def bench_bert_loader(inputs: Sequence[Path], workdir: Path, tokenizer: Path, *, seq_len: int, micro_batch: int,
+                      global_batch: int, rounds: int) -> dict:
+    """Masked-LM (+NSP) batches per second on a BERT dataset prepared from the first input."""
+    from llmscale.config import DataConfig
+    from llmscale.data.loader import build_loader
+    from llmscale.data.prepare import prepare_dataset
+
+    out = workdir / "dataset-bert"
+    prepare_dataset(list(inputs)[:1], out, tokenizer=tokenizer, format="bert", seq_len=seq_len, overwrite=True)
+    res = {"seq_len": seq_len, "micro_batch": micro_batch, "global_batch": global_batch}
+    for nsp in (False, True):
+        ld = build_loader(DataConfig(path=str(out), format="bert", seq_len=seq_len, nsp=nsp), dp_rank=0, dp_size=1,
+                          global_batch_size=global_batch, micro_batch_size=micro_batch)
+        rate = _loader_rate(ld, tokens=ld.samples_per_epoch * seq_len, rounds=rounds)  # padded tokens/s
+        res["nsp" if nsp else "mlm"] = {"samples_per_s": round(rate / seq_len), "tokens_per_s": round(rate)}
+    return res
+
+
 def bench_open(workdir: Path, *, shards: int = 100, rounds: int = 5) -> dict:
     from llmscale.config import DataConfig
     from llmscale.data.loader import build_loader
@@ -237,6 +256,9 @@ def run(*, inputs: Optional[Sequence[str]], num_proc: Optional[int], target_mb: 
         log.info("bench data: loader")
         load_res = bench_loader(dataset, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
                                 rounds=loader_rounds, num_workers=num_workers)
+        log.info("bench data: BERT batches")
+        bert_res = bench_bert_loader(files, wd, dataset / "tokenizer", seq_len=128, micro_batch=32, global_batch=128,
+                                     rounds=loader_rounds)
         log.info("bench data: opening 100 shards")
         open_res = bench_open(wd)
     finally:
@@ -247,6 +269,7 @@ def run(*, inputs: Optional[Sequence[str]], num_proc: Optional[int], target_mb: 
         "cpu_count": os.cpu_count(),
         "prepare": prep_res,
         "loader": load_res,
+        "loader_bert": bert_res,
         "open": open_res,
     }
     result["targets_met"] = {
