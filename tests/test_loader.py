@@ -302,6 +302,20 @@ def test_nsp_labels_are_balanced_and_true(bert_ds):
     assert checked > 500
 
 
+def test_prefetch_and_evaluation_interleaved_change_nothing(bert_ds):
+    root, _ = bert_ds
+    plain = loader(root, format="bert", seq_len=32, gbs=16, mbs=8, nsp=True)
+    ref = take(plain, 6)
+    ref_eval = [b["input_ids"] for b in plain.eval_batches()]
+    busy = loader(root, format="bert", seq_len=32, gbs=16, mbs=8, nsp=True, num_workers=2)
+    for k in range(6):  # evaluation runs while the prefetch threads prepare the next training steps
+        got = take(busy, 1)[0]
+        assert all(np.array_equal(got[key], ref[k][key]) for key in got), k
+        ev = [b["input_ids"] for b in busy.eval_batches()]
+        assert len(ev) == len(ref_eval) and all(torch.equal(a, b) for a, b in zip(ev, ref_eval))
+    busy.close()
+
+
 # --------------------------------------------------------------------------- blends
 
 

@@ -41,7 +41,7 @@ def _rank_reads(rank, world_size, path, fmt, resume_state):
     return fresh, _read(resumed, STEPS)
 
 
-@pytest.mark.parametrize("world_size, fmt", [(2, "gpt"), (4, "bert")])
+@pytest.mark.parametrize("world_size, fmt", [(2, "gpt"), pytest.param(4, "bert", marks=pytest.mark.slow)])
 def test_ranks_read_the_world_size_1_sequence_and_resume_across_sizes(tmp_path, world_size, fmt):
     make_dataset(tmp_path / "ds", kind=fmt, docs=40, doc_len=(5, 60), shard_tokens=300)
     ref_ld = build_loader(_cfg(tmp_path / "ds", fmt), dp_rank=0, dp_size=1, global_batch_size=GBS, micro_batch_size=GBS)
