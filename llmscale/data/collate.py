@@ -9,18 +9,21 @@ of the split's token stream (every shard's documents back to back, each ending w
 consecutive windows overlap by one token, so ``labels[:, t]`` (the next token) of the last position
 of one window is the first input of the next. A split of ``N`` tokens has ``ceil((N - 1) / seq_len)``
 samples; the last one is padded with ``pad_id`` and its padded labels are ``-100``. Every token
-except the split's very first is the target of exactly one sample per epoch, and every token except
-the very last is an input of exactly one sample: nothing is dropped and nothing is served twice.
+except the split's very first is the target of exactly one sample per epoch, and the inputs tile the
+stream from its first token (the very last token may appear only as a target): nothing is dropped
+and nothing is served twice.
 
 BERT: sample ``j`` is a run of consecutive sentences of one document holding at most
 ``seq_len - 3`` tokens (greedy packing; a sentence longer than that is cut into pieces), split into
 segment A and segment B at a sentence boundary (chosen from the seed; inside the sentence when
 there is only one). Rows are ``[CLS] A [SEP] B [SEP]`` padded to ``seq_len``. The samples tile each
-document's tokens exactly once. With next-sentence prediction, half of the samples (a per-sample
-coin) replace B with the start of a sample from a different document (label 1); the others keep
-their true B (label 0). Masking selects each content token with probability ``mlm_probability``;
-selected tokens become ``[MASK]`` (80%), a random non-special token (10%) or stay (10%).
-[CLS], [SEP] and padding are never selected.
+document's tokens exactly once. With next-sentence prediction, half of the samples (a coin) replace
+B with the start of a sample from a different document (label 1; those B tokens are then not seen
+in that epoch); the others keep their true B (label 0). Masking selects each content token with
+probability ``mlm_probability``; selected tokens become ``[MASK]`` (80%), a random non-special token
+(10%) or stay (10%). [CLS], [SEP] and padding are never selected. All of this randomness is a
+counter-based hash of (seed, stream position): reproducible, the same for any number of ranks, and
+different in every epoch (dynamic masking).
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ from llmscale.log import get_logger
 log = get_logger(__name__)
 
 STATE_VERSION = 1
-# SeedSequence tags keep the random streams of different purposes independent.
+# Tags keep the random streams of different purposes independent (SeedSequence entropy, hash keys).
 _TAG_PERM = 0x5045524D  # "PERM"
 _TAG_BLEND = 0x424C4E44  # "BLND"
 _TAG_MASK = 0x4D41534B  # "MASK"
