@@ -187,7 +187,11 @@ def slurm_cluster():
         key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     conf = root / "slurm.conf"
-    conf.write_text(_slurm_conf(root, ctld_port=_free_port(), slurmd_port=_free_port()))
+    ctld_port = _free_port()
+    slurmd_port = _free_port()
+    while slurmd_port == ctld_port:
+        slurmd_port = _free_port()
+    conf.write_text(_slurm_conf(root, ctld_port=ctld_port, slurmd_port=slurmd_port))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         del env[k]  # a surrounding real SLURM job must not leak into the test cluster's jobs
@@ -394,3 +398,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_data
     val, ref = _records(run_dir, "val"), _records(uninterrupted_run["run_dir"], "val")
     assert val and ref and val[-1]["step"] == ref[-1]["step"] == steps
     assert val[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-5), (val[-1], ref[-1])
+
+
+def test_train_sbatch_refuses_misuse(tmp_path):
+    """Outside a job, or without a config, the script says what to run instead (no cluster needed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run(["bash", str(TRAIN_SBATCH)], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "sbatch slurm/train.sbatch CONFIG.yaml" in p.stderr, p.stderr
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("train: {steps: 1}\n")
+    p = subprocess.run(["bash", str(TRAIN_SBATCH), str(cfg)], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "not inside a SLURM job" in p.stderr, p.stderr
+    p = subprocess.run(["bash", str(TRAIN_SBATCH), "missing.yaml"], env={**env, "SLURM_JOB_ID": "7"},
+                       capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert p.returncode == 2 and "config missing.yaml not found" in p.stderr, p.stderr
