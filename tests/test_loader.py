@@ -22,20 +22,21 @@ VOCAB = 1 << 20  # large enough that every token of a fixture is unique (uint32 
 
 
 def make_dataset(root, *, docs=60, doc_len=(5, 80), kind="gpt", shard_tokens=500, vocab=VOCAB, seed=0,
-                 val_docs=6, tok_hash="tok-a", start=FIRST) -> dict:
+                 val_docs=6, tok_hash="tok-a", start=FIRST, lengths=None) -> dict:
     """Write a dataset whose train tokens are start, start+1, ... (val continues the count).
 
-    BERT documents are cut into random sentences. Returns {"train": tokens, "val": tokens, "doc_starts": ...}."""
+    ``lengths`` fixes the train documents' lengths. BERT documents are cut into random sentences.
+    Returns {"train": tokens, "val": tokens, "train_doc_starts": ..., "val_doc_starts": ...}."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     dtype = token_dtype_for(vocab)
     splits, info = {}, {}
     counter = start
-    for split, n in (("train", docs), ("val", val_docs)):
+    for split, n in (("train", docs if lengths is None else len(lengths)), ("val", val_docs)):
         w = ShardWriter(root, split, dtype=dtype, shard_tokens=shard_tokens, with_sentences=(kind == "bert"))
         toks, doc_starts = [], []
-        for _ in range(n):
-            length = int(rng.integers(*doc_len))
+        for i in range(n):
+            length = int(lengths[i]) if split == "train" and lengths is not None else int(rng.integers(*doc_len))
             ids = (np.arange(counter, counter + length) - FIRST) % (vocab - FIRST) + FIRST
             doc_starts.append(sum(len(t) for t in toks))
             counter += length
@@ -153,6 +154,27 @@ def test_gpt_every_token_exactly_once_per_epoch(gpt_ds):
     k = 500 // T
     assert np.array_equal(inp[k], toks[k * T : (k + 1) * T])
     assert lab.dtype == np.int64 and inp.dtype == np.int64
+
+
+@pytest.mark.parametrize("num_tokens", [33, 34, 47])  # N - 1 a multiple of seq_len, one more, and a ragged end
+def test_gpt_windows_at_the_end_of_the_split_and_across_tiny_shards(tmp_path, num_tokens):
+    # 5-token documents in 5-token shards: every window spans three or four shards
+    lengths = [5] * (num_tokens // 5) + ([num_tokens % 5] if num_tokens % 5 else [])
+    info = make_dataset(tmp_path / "tiny", lengths=lengths, shard_tokens=5, val_docs=1)
+    stream = info["train"]
+    assert len(stream) == num_tokens
+    c = DataConfig(path=str(tmp_path / "tiny"), seq_len=16)
+    ld = build_loader(c, dp_rank=0, dp_size=1, global_batch_size=1, micro_batch_size=1, shuffle=False)
+    assert len(ld.splits[0].stream.shards) == len(lengths)
+    S = ld.samples_per_epoch
+    assert S == -(-(num_tokens - 1) // 16)
+    rows = [ld.next_step()[0] for _ in range(S)]
+    inp = torch.cat([r["input_ids"] for r in rows]).numpy().reshape(-1)
+    lab = torch.cat([r["labels"] for r in rows]).numpy().reshape(-1)
+    assert np.array_equal(lab[lab != IGNORE], stream[1:])  # every target once
+    assert (lab[num_tokens - 1 :] == IGNORE).all()
+    real = min(num_tokens, S * 16)  # inputs tile the stream; the last token is an input unless N-1 = S*T
+    assert np.array_equal(inp[:real], stream[:real]) and (inp[real:] == 0).all()
 
 
 # --------------------------------------------------------------------------- resume
