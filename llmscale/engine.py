@@ -130,7 +130,11 @@ def build_deepspeed_config(cfg: Any, plan: BatchPlan) -> dict:
     if ds_extra.communication_data_type is not None:
         out["communication_data_type"] = ds_extra.communication_data_type
     if par.pipeline_parallel > 1:
-        out["pipeline"] = {"partition_method": par.pipeline_partition}
+        # Activations cross stages whole on every TP rank: DeepSpeed 0.19.8's partitioned send/receive
+        # ("pipe_partitioned") keeps the first batch's buffer shape, so an evaluation batch of another size
+        # fails its all-gather. Costs tp x the stage-to-stage bytes, nothing else.
+        out["pipeline"] = {"partition_method": par.pipeline_partition, "pipe_partitioned": False,
+                           "grad_partitioned": False}
     return out
 
 
@@ -192,7 +196,8 @@ class _AdamW(torch.optim.AdamW):
                 dist.all_reduce(sq, group=ctl.model_group)
             norm = sq.sqrt()
             bad = (~torch.isfinite(norm)).float() + float(skip)
-            dist.all_reduce(bad, group=ctl.flag_group)
+            if dist.get_world_size(ctl.flag_group) > 1:
+                dist.all_reduce(bad, group=ctl.flag_group)
             ctl.grad_norm = float(norm)
             skip = bool(bad.item() > 0)
             if not skip and ctl.clip > 0:
@@ -368,7 +373,8 @@ class Engine:
                 # One all-reduce over the world: loss average (TP ranks hold copies) and non-finite count.
                 t3 = time.perf_counter()
                 packed = torch.stack([total / n, (~torch.isfinite(total)).float()])
-                dist.all_reduce(packed)
+                if dist.get_world_size() > 1:
+                    dist.all_reduce(packed)
                 mean_loss = float(packed[0]) / dist.get_world_size()
                 self._ctl.force_skip = bool(packed[1] > 0)
                 t["comm"] += time.perf_counter() - t3
@@ -616,6 +622,9 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> 
                                        dist_init_required=False)
     if ctl.manage:
         ctl.params = [p for p in ds.module.parameters() if p.requires_grad]
+    if cfg.parallel.zero_stage == 0 and layout.dp == 1 and layout.pp == 1:
+        # One replica: DeepSpeed would still flatten, all-reduce and copy back every gradient (a group of one).
+        ds.enable_backward_allreduce = False
     # Dropout differs per data-parallel replica, agrees within a tensor-parallel group (replicated activations).
     _seed_everything(cfg.train.seed + 1 + 1009 * layout.dp_rank + 7919 * layout.pp_rank)
     log.info("engine: %s, micro-batch %d x %d accumulation x dp %d = global batch %d, precision %s",

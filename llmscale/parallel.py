@@ -311,10 +311,10 @@ class ColumnParallelLinear(nn.Module):
         n = out // size
         self.in_features, self.out_features = full.in_features, n
         self.group, self.tp_size = group, size
-        self.weight = nn.Parameter(full.weight.detach()[rank * n:(rank + 1) * n].clone())
+        self.weight = nn.Parameter(full.weight.detach()[rank * n:(rank + 1) * n].clone(), full.weight.requires_grad)
         _mark(self.weight, 0)
         if full.bias is not None:
-            self.bias = nn.Parameter(full.bias.detach()[rank * n:(rank + 1) * n].clone())
+            self.bias = nn.Parameter(full.bias.detach()[rank * n:(rank + 1) * n].clone(), full.bias.requires_grad)
             _mark(self.bias, 0)
         else:
             self.register_parameter("bias", None)
@@ -336,10 +336,10 @@ class RowParallelLinear(nn.Module):
         n = inp // size
         self.in_features, self.out_features = n, full.out_features
         self.group, self.tp_size = group, size
-        self.weight = nn.Parameter(full.weight.detach()[:, rank * n:(rank + 1) * n].clone())
+        self.weight = nn.Parameter(full.weight.detach()[:, rank * n:(rank + 1) * n].clone(), full.weight.requires_grad)
         _mark(self.weight, 1)
         if full.bias is not None:
-            self.bias = nn.Parameter(full.bias.detach().clone())  # replicated: added once, after the reduction
+            self.bias = nn.Parameter(full.bias.detach().clone(), full.bias.requires_grad)  # replicated: added once, after the reduction
         else:
             self.register_parameter("bias", None)
 
