@@ -619,7 +619,7 @@ class CheckpointManager:
             _crash_point("rename", step)
             atomic_write_text(self.dir / LATEST, name + "\n")
             _crash_point("latest", step)
-            self._apply_retention()
+            self._apply_retention(step)
         _barrier()
         self._last_save_time = time.monotonic()
         self.last_saved_step = step
@@ -629,7 +629,7 @@ class CheckpointManager:
             log.info("checkpoint %s saved: %.1f MB in %.2fs (%.2f GB/s)", name, total / 1e6, dt, total / 1e9 / max(dt, 1e-9))
         return final
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, step: int) -> None:
         """Keep the newest ``keep_last`` complete checkpoints and every ``keep_every``-th; never the newest."""
         c = self.ckpt_cfg
         complete = [i for i in list_checkpoints(self.dir) if i.complete]
@@ -644,7 +644,7 @@ class CheckpointManager:
                 continue
             trash = self.dir / f"{TRASH_PREFIX}{info.name}"
             os.replace(info.path, trash)  # one atomic step: never a half-deleted folder with a step name
-            _crash_point("retention", info.step)
+            _crash_point("retention", step)
             shutil.rmtree(trash, ignore_errors=True)
             log.info("retention: removed %s", info.name)
 

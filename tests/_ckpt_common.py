@@ -61,10 +61,10 @@ class Counters:
         self.step, self.tokens_seen = int(s["step"]), int(s["tokens_seen"])
 
 
-def toy_model(seed: int = 0) -> torch.nn.Module:
+def toy_model(seed: int = 0, dropout: float = 0.2) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(DIM, 64), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 64), torch.nn.GELU(),
+        torch.nn.Linear(DIM, 64), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(64, 64), torch.nn.GELU(),
         torch.nn.Linear(64, DIM),
     )
 
@@ -118,14 +118,15 @@ def params_digest(engine: Any) -> str:
 
 def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: int = 2, keep_last: int = 2,
           keep_every: int = 0, zero_stage: int = 1, stop_after: Optional[int] = None, resume: bool = True,
-          nan_steps: tuple = (), max_bad_steps: int = 0, loss_log: Optional[str] = None) -> dict:
+          nan_steps: tuple = (), max_bad_steps: int = 0, loss_log: Optional[str] = None,
+          preempt: bool = False, step_sleep: float = 0.0, dropout: float = 0.2) -> dict:
     """The trainer's checkpoint protocol on a toy DeepSpeed model. Returns losses by step and a digest of
     the final weights. ``stop_after``: leave the loop after that many steps of this process (a clean
     "interruption"). ``nan_steps``: global steps (1-based) whose loss is poisoned."""
     from llmscale.checkpoint import BadStepGuard, CheckpointManager
     from llmscale.config import CheckpointConfig
 
-    engine = build_ds(zero_stage=zero_stage, world_size=world_size)
+    engine = build_ds(zero_stage=zero_stage, world_size=world_size, model=toy_model(dropout=dropout))
     loader = ToyLoader(dp_rank=rank, dp_size=world_size)
     counters = Counters()
     stateful = {"trainer": counters, "loader": loader}
@@ -133,11 +134,19 @@ def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: 
         every_steps=every_steps, keep_last=keep_last, keep_every=keep_every))
     resumed = manager.resume(engine, stateful) if resume else manager.resume(engine, stateful, no_resume=True)
     guard = BadStepGuard(max_bad_steps)
+    stop_flag = None
+    if preempt:
+        from llmscale.signals import install_handlers
+
+        stop_flag = install_handlers()
+    stopped = False
     losses: dict[int, float] = {}
     rollbacks = []
     done = 0
+    seen_ids: list[int] = []
     while counters.step < steps:
         batch = loader.next_step()
+        seen_ids.extend(int(i) for mb in batch for i in mb["sample_ids"])
         # NaN injection is keyed on the data position, so skipped batches stay skipped after a rollback
         poison = loader.step in nan_steps
         loss = train_step(engine, batch, poison=poison)
@@ -152,10 +161,19 @@ def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: 
         if guard.update(bad):
             rollbacks.append((counters.step, manager.rollback(engine, stateful)))
             continue
+        stop = stop_flag.should_stop() if stop_flag is not None else False
         if not bad:
-            manager.maybe_save(counters.step, engine, stateful, force=counters.step == steps)
+            manager.maybe_save(counters.step, engine, stateful, force=counters.step == steps or stop)
+        if stop:
+            stopped = True
+            break
+        if step_sleep:
+            import time
+
+            time.sleep(step_sleep)
         done += 1
         if stop_after is not None and done >= stop_after:
             break
     return {"resumed": resumed, "losses": losses, "digest": params_digest(engine), "step": counters.step,
-            "rollbacks": rollbacks, "loader_step": loader.step}
+            "rollbacks": rollbacks, "loader_step": loader.step, "stopped": stopped,
+            "sample_ids": seen_ids}

@@ -1,0 +1,285 @@
+"""Faults: SIGKILL at random moments and at every phase of a save, damaged newest checkpoints (truncated,
+flipped byte, garbage `latest`, missing manifest, planted file), a malicious pickle, a full disk,
+NaN steps -> rollback, and a preemption signal -> save -> exit 75. All on CPU with real DeepSpeed ranks."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _ckpt_common as C  # noqa: E402
+
+from llmscale.checkpoint import (CheckpointError, CheckpointManager, list_checkpoints, read_latest,  # noqa: E402
+                                 verify_checkpoint)
+from llmscale.config import CheckpointConfig  # noqa: E402
+from llmscale.testing import cpu_env, free_port, run_distributed  # noqa: E402
+
+WORKER = Path(__file__).parent / "_ckpt_worker.py"
+
+
+def launch(run_dir: Path, kw: dict, *, world_size: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start the ranks as plain processes sharing one new process group (killpg kills the whole job)."""
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    for r in range(world_size):
+        e = cpu_env({"RANK": r, "WORLD_SIZE": world_size, "LOCAL_RANK": r, "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": port, **(env or {})})
+        extra = {"process_group": 0 if r == 0 else procs[0].pid}
+        log = open(run_dir.parent / f"{run_dir.name}-rank{r}.log", "ab")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(run_dir), json.dumps(kw)], env=e,
+                                      stdout=log, stderr=subprocess.STDOUT, **extra))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(deadline - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            raise
+    return codes
+
+
+def logged_steps(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def assert_resumable(run_dir: Path) -> int:
+    """The invariant after any crash: the newest complete checkpoint verifies (or there is none yet)."""
+    done = [i for i in list_checkpoints(run_dir) if i.complete]
+    if done:
+        assert verify_checkpoint(done[-1].path) == [], done[-1].path
+        return done[-1].step
+    return 0
+
+
+# ------------------------------------------------------------------------------------ kill -9
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_and_during_save_phases(tmp_path):
+    steps = 24
+    kw = {"steps": steps, "every_steps": 1, "keep_last": 2, "keep_every": 10, "step_sleep": 0.05}
+    ref = tmp_path / "ref"
+    assert wait_all(launch(ref, kw)) == [0, 0]
+    want = json.loads((ref / "result-rank0.json").read_text())["digest"]
+
+    run = tmp_path / "run"
+    rng = random.Random(1234)
+    # deterministic crashes inside a save at each phase, on rank 0 or rank 1 ...
+    phases = [("state", 1), ("engine", 0), ("hashed", 1), ("manifest", 0), ("rename", 0), ("latest", 0), ("retention", 0)]
+    kills, newest = 0, 0
+    for phase, rank in phases:
+        target = newest + 2
+        procs = launch(run, {**kw, "loss_log": str(tmp_path / "loss.jsonl")},
+                       env={"LLMSCALE_TEST_CRASH_AT": f"{phase}:{target}:{rank}"})
+        codes = wait_all(procs)
+        assert codes[rank] == 137, (phase, codes)
+        os.killpg(procs[0].pid, signal.SIGKILL) if any(p.poll() is None for p in procs) else None
+        kills += 1
+        newest = assert_resumable(run)
+        expect = target if phase in ("rename", "latest", "retention") else target - 1
+        assert newest == expect, (phase, newest, expect)
+    # ... then SIGKILL of every rank at random moments once training is under way (between steps, inside saves)
+    for _ in range(3):
+        seen = logged_steps(tmp_path / "loss.jsonl")
+        procs = launch(run, {**kw, "loss_log": str(tmp_path / "loss.jsonl")})
+        deadline = time.monotonic() + 240
+        while logged_steps(tmp_path / "loss.jsonl") <= seen and time.monotonic() < deadline:
+            if all(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        wait_all(procs)
+        kills += 1
+        assert_resumable(run)
+    assert kills >= 10
+    assert wait_all(launch(run, kw)) == [0, 0]
+    got = [json.loads((run / f"result-rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["step"] == steps and got[0]["digest"] == want and got[1]["digest"] == want
+    assert [i.step for i in list_checkpoints(run)] == [10, 20, 23, 24]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+
+
+class _Plant:
+    """A pickle that would create MARKER when unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0x5A
+    p.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    run_distributed(C.train, 2, args=(str(run), 4), kwargs={"every_steps": 2, "keep_last": 3}, timeout=600)
+    assert [i.step for i in list_checkpoints(run)] == [2, 4]
+    return run
+
+
+OPT0 = "model/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+MODEL = "model/mp_rank_00_model_states.pt"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "missing_manifest", "planted_file", "missing_file"])
+def test_damaged_newest_falls_back_loudly(two_checkpoints, tmp_path, damage, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    new = run / "checkpoints" / "step-000004"
+    bad = {"truncated": new / OPT0, "flipped": new / "state" / "rank-00001.safetensors",
+           "missing_manifest": new / "manifest.json", "planted_file": new / "model" / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+           "missing_file": new / MODEL}[damage]
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif damage == "flipped":
+        _flip(bad)
+    elif damage == "planted_file":
+        bad.write_bytes(b"x")
+    else:
+        bad.unlink()
+    m = CheckpointManager(run_dir=run, checkpoint=CheckpointConfig())
+    with caplog.at_level("WARNING"):
+        assert m.find_resumable() == run / "checkpoints" / "step-000002"
+    text = caplog.text
+    assert "DAMAGED" in text and (bad.name in text or damage == "missing_manifest" and "manifest" in text)
+    assert "OLDER checkpoint" in text
+    # the damaged one is set aside (kept for inspection), never picked again
+    assert not new.exists() and [p for p in (run / "checkpoints").iterdir() if ".corrupt-" in p.name]
+
+
+def test_garbage_latest_is_ignored_and_none_usable_is_an_error(two_checkpoints, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    (run / "checkpoints" / "latest").write_bytes(b"\x00\xffstep-../../etc\n")
+    m = CheckpointManager(run_dir=run, checkpoint=CheckpointConfig())
+    with caplog.at_level("WARNING"):
+        assert m.find_resumable() == run / "checkpoints" / "step-000004"
+    assert read_latest(run) is None and "not a checkpoint name" in caplog.text
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step:06d}" / MODEL).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="none is usable.*--no-resume"):
+        m.find_resumable()
+    # only interrupted saves (.tmp-*) are not checkpoints: a fresh start, and they are cleaned up
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints" / ".tmp-step-000002" / "model").mkdir(parents=True)
+    assert CheckpointManager(run_dir=fresh, checkpoint=CheckpointConfig()).find_resumable() is None
+    assert list((fresh / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_malicious_pickle_never_runs_on_resume(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    marker = tmp_path / "PWNED"
+    # the attacker replaces DeepSpeed's model file of the newest checkpoint with a pickle that runs code
+    with open(run / "checkpoints" / "step-000004" / MODEL, "wb") as f:
+        pickle.dump(_Plant(str(marker)), f)
+    out = run_distributed(C.train, 2, args=(str(run), 6), kwargs={"every_steps": 2}, timeout=600)
+    assert not marker.exists(), "a pickle from the run directory was executed"
+    assert out[0]["resumed"] == 2 and out[0]["step"] == 6  # fell back to the older, intact checkpoint
+
+
+# ------------------------------------------------------------------------------------ disk full
+
+
+def _train_until_full(rank, world_size, run_dir):
+    m = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(every_steps=1, keep_last=100))
+    engine = C.build_ds(world_size=world_size, model=C.toy_model())
+    ballast = Path(run_dir) / "ballast"
+    loader, counters = C.ToyLoader(dp_rank=rank, dp_size=world_size), C.Counters()
+    stateful = {"trainer": counters, "loader": loader}
+    C.train_step(engine, loader.next_step())
+    counters.step = 1
+    m.save(1, engine, stateful)
+    # fill the disk so that only part of the next checkpoint fits
+    free = shutil.disk_usage(run_dir).free
+    ballast.write_bytes(b"\0" * max(free - 150_000, 0))
+    C.train_step(engine, loader.next_step())
+    counters.step = 2
+    try:
+        m.save(2, engine, stateful)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): needs root")
+    try:
+        err = run_distributed(_train_until_full, 1, args=(str(mnt / "run"),), timeout=600)[0]
+        assert err is not None and "step-000002 failed" in err and "No space left" in err
+        assert "previous checkpoint is untouched" in err and "step-000001" in err
+        run = mnt / "run"
+        (run / "ballast").unlink()
+        assert [i.step for i in list_checkpoints(run)] == [1] and verify_checkpoint(run / "checkpoints" / "step-000001") == []
+        assert read_latest(run) == "step-000001"
+        assert not (run / "checkpoints" / ".tmp-step-000002").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------ NaN -> rollback
+
+
+@pytest.mark.slow
+def test_nan_steps_roll_back_and_skip_the_batches(tmp_path):
+    # data steps 5 and 6 yield NaN losses: DeepSpeed skips each update (overflow check); 2 bad in a row -> rollback
+    out = run_distributed(C.train, 2, args=(str(tmp_path / "run"), 8),
+                          kwargs={"every_steps": 2, "nan_steps": (5, 6), "max_bad_steps": 2}, timeout=600)[0]
+    assert out["rollbacks"] == [(6, 4)]
+    assert out["step"] == 8 and out["loader_step"] == 10  # batches 5 and 6 were skipped, not replayed
+    assert all(v == v for v in out["losses"].values()) and sorted(out["losses"]) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+# ------------------------------------------------------------------------------------ preemption
+
+
+@pytest.mark.slow
+def test_signal_on_one_rank_saves_on_all_and_exits_75(tmp_path):
+    from llmscale.signals import EXIT_REQUEUE
+
+    run = tmp_path / "run"
+    log = tmp_path / "loss.jsonl"
+    procs = launch(run, {"steps": 10_000, "every_steps": 0, "preempt": True, "step_sleep": 0.05, "loss_log": str(log)})
+    deadline = time.monotonic() + 240
+    while logged_steps(log) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGUSR1)  # only rank 1 is told; rank 0 learns it at the step boundary
+    assert wait_all(procs) == [EXIT_REQUEUE, EXIT_REQUEUE]
+    res = [json.loads((run / f"result-rank{r}.json").read_text()) for r in (0, 1)]
+    assert res[0]["stopped"] and res[0]["step"] == res[1]["step"]
+    assert [i.step for i in list_checkpoints(run)] == [res[0]["step"]]
+    assert verify_checkpoint(run / "checkpoints" / f"step-{res[0]['step']:06d}") == []
