@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
@@ -41,13 +42,14 @@ def _first_host(nodelist: str) -> str:
             return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    # Fallback for simple lists "node[01-04],other" -> "node01".
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.rstrip("]").split(",")[0].split("-")[0]
-        return prefix + first
-    return head
+    # Fallback: the first host of "node[01-04],other" -> "node01", "rack[1-2]n[07,03]" -> "rack1n07".
+    head, depth = "", 0
+    for ch in nodelist:
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        head += ch
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], head)
 
 
 def discover_world(env: Optional[dict] = None) -> World:

@@ -81,6 +81,7 @@ NODELISTS = {
     "a[7,2-3]": "a7",
     "gpu-a[3,5-7],gpu-b1": "gpu-a3",
     "h-1,h-2": "h-1",
+    "rack[1-2]n[07,03],login1": "rack1n07",
     "single": "single",
 }
 
