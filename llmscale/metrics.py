@@ -127,19 +127,30 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
-        if tensorboard:
+        self._want_tb = tensorboard
+        self._begun = False
+        if start_step:
+            self.begin(start_step)
+
+    def begin(self, start_step: int = 0) -> None:
+        """Open TensorBoard and the progress bar at ``start_step`` (the step a resumed run continues from:
+        TensorBoard drops events a crashed run wrote after it). Called by the first ``log`` otherwise."""
+        if not self.enabled or self._begun:
+            return
+        self._begun = True
+        if self._want_tb:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # tensorboard is a dependency; say so rather than silently skip
                 raise RuntimeError(f"TensorBoard logging needs the tensorboard package ({e}); pip install tensorboard, "
                                    f"or set train.tensorboard=false.") from e
             self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=start_step or None)
-        if total_steps and _progress_enabled():
+        if self.total_steps and _progress_enabled():
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                             leave=False)
+            self._bar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True, leave=False)
             # console log lines go through tqdm.write so they do not tear the bar
             self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("llmscale")])
             self._redirect.__enter__()
@@ -152,6 +163,7 @@ class MetricsLogger:
         """Write one record (needs ``kind`` and ``step``). Non-finite floats become null in JSON."""
         if not self.enabled:
             return
+        self.begin(int(record["step"]))
         rec = {"kind": record.get("kind", "train"), "step": int(record["step"]), "time": round(time.time(), 3)}
         for k, v in record.items():
             if k in rec:

@@ -126,6 +126,7 @@ class Trainer:
             if resumed is not None:
                 log.info("resumed at step %d (%d tokens seen)", self.state.step, self.state.tokens_seen)
         self.metrics.total_steps = total
+        self.metrics.begin(self.state.step)
         if self.state.step >= total:
             log.info("the run is already at step %d of train.steps=%d: nothing to train. Raise train.steps to continue.",
                      self.state.step, total)
