@@ -406,3 +406,12 @@ def test_cuda_bf16_flash_matches_cpu_fp32(name):
         with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             out = gpu(ids.cuda()).logits.float().cpu()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_resolving_a_preset_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from llmscale.config import ModelConfig, from_dict; "
+            "from_dict(ModelConfig, {'preset': 'llama-1b'}); sys.exit(int('torch' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,18 +9,34 @@ Every model has ``config`` (the resolved ModelConfig), ``num_params()``, ``flops
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch.nn as nn
-
-from llmscale.models.layers import ModelOutput
-from llmscale.models.pipeline import LayerDef
 from llmscale.models.presets import PRESETS, resolve_config
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from llmscale.models.layers import ModelOutput
+    from llmscale.models.pipeline import LayerDef
 
 __all__ = ["build_model", "ModelOutput", "LayerDef", "PRESETS", "resolve_config"]
 
 
-def build_model(cfg, *, vocab_size: Optional[int] = None) -> nn.Module:
+def __getattr__(name: str) -> Any:
+    # torch is imported on first use only: the config loader imports llmscale.models.presets, and
+    # `llmscale config show` should not pay for importing torch.
+    if name == "ModelOutput":
+        from llmscale.models.layers import ModelOutput
+
+        return ModelOutput
+    if name == "LayerDef":
+        from llmscale.models.pipeline import LayerDef
+
+        return LayerDef
+    raise AttributeError(f"module 'llmscale.models' has no attribute {name!r}")
+
+
+def build_model(cfg, *, vocab_size: Optional[int] = None) -> "nn.Module":
     """The model ``cfg`` (a ModelConfig) describes, initialised from torch's current RNG on the current
     default device (``with torch.device("meta"):`` builds it without memory). ``vocab_size`` is the dataset
     tokenizer's; see :func:`resolve_config` for how it combines with ``cfg.vocab_size``."""
