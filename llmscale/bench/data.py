@@ -202,13 +202,15 @@ def bench_loader(dataset: Path, *, seq_len: int, micro_batch: int, global_batch:
 
 def bench_bert_loader(inputs: Sequence[Path], workdir: Path, tokenizer: Path, *, seq_len: int, micro_batch: int,
                       global_batch: int, rounds: int) -> dict:
-    """Masked-LM (+NSP) batches per second on a BERT dataset prepared from the first input."""
+    """Masked-LM (+NSP) batches per second on a BERT dataset prepared from the first input file."""
     from llmscale.config import DataConfig
     from llmscale.data.loader import build_loader
     from llmscale.data.prepare import prepare_dataset
 
+    from llmscale.data.sources import resolve_inputs
+
     out = workdir / "dataset-bert"
-    prepare_dataset(list(inputs)[:1], out, tokenizer=tokenizer, format="bert", seq_len=seq_len, overwrite=True)
+    prepare_dataset(resolve_inputs(inputs)[:1], out, tokenizer=tokenizer, format="bert", seq_len=seq_len, overwrite=True)
     res = {"seq_len": seq_len, "micro_batch": micro_batch, "global_batch": global_batch}
     for nsp in (False, True):
         ld = build_loader(DataConfig(path=str(out), format="bert", seq_len=seq_len, nsp=nsp), dp_rank=0, dp_size=1,
