@@ -424,26 +424,42 @@ class PipelinePieces:
 def pipeline_pieces(model: nn.Module) -> PipelinePieces:
     """Turn ``model.pipeline_layers()`` into PipelineModule layers.
 
-    A tied group (same ``tie_key``) must share one module — the first LayerDef's — between its members;
-    the tied parameters are those of that module which the other member's forward uses (all of them)."""
+    A tied group (same ``tie_key``) shares one module. It is wrapped once as ``_FnLayer(module, fn of the
+    first member)`` and that wrapper is the tied module: the first member runs it directly (so DeepSpeed's
+    per-layer checkpoint files contain it — a tied layer given as ``forward_fn`` is a ``partial`` without a
+    state_dict and would silently be left out), later members call their own function on ``wrapper.inner``.
+    All of the wrapped module's parameters are tied (DeepSpeed all-reduces their gradients between stages)."""
     if not hasattr(model, "pipeline_layers"):
         raise LayoutError(f"{type(model).__name__} has no pipeline_layers(); use parallel.pipeline_parallel=1.")
     defs = list(model.pipeline_layers())
-    tied_modules: dict[str, nn.Module] = {}
+    wrappers: dict[str, _FnLayer] = {}
     layers: list = []
     tied_attrs: dict[str, list[str]] = {}
     for d in defs:
         if d.tie_key is None:
             layers.append(_FnLayer(d.module, d.forward_fn) if d.forward_fn is not None else d.module)
             continue
-        if d.tie_key not in tied_modules:
-            tied_modules[d.tie_key] = d.module
-            tied_attrs[d.tie_key] = [n for n, _ in d.module.named_parameters()]
-        elif tied_modules[d.tie_key] is not d.module:
+        if d.tie_key not in wrappers:
+            wrappers[d.tie_key] = _FnLayer(d.module, d.forward_fn or _call)
+            tied_attrs[d.tie_key] = [f"inner.{n}" for n, _ in d.module.named_parameters()]
+            layers.append(_tied_spec(d.tie_key, wrappers[d.tie_key], None, tied_attrs[d.tie_key]))
+            continue
+        if wrappers[d.tie_key].inner is not d.module:
             raise LayoutError(
                 f"pipeline_layers(): LayerDefs with tie_key={d.tie_key!r} must share one module (got two different ones).")
-        layers.append(_tied_spec(d.tie_key, tied_modules[d.tie_key], d.forward_fn, tied_attrs[d.tie_key]))
+        layers.append(_tied_spec(d.tie_key, wrappers[d.tie_key], _on_inner(d.forward_fn or _call), tied_attrs[d.tie_key]))
     return PipelinePieces(layers=layers, defs=defs, tied_attrs=tied_attrs)
+
+
+def _call(module: nn.Module, x):
+    return module(x)
+
+
+def _on_inner(fn: Callable) -> Callable:
+    def run(wrapper: _FnLayer, x):
+        return fn(wrapper.inner, x)
+
+    return run
 
 
 def pipeline_param_names(pieces: PipelinePieces, model: nn.Module) -> dict[str, str]:
@@ -454,7 +470,7 @@ def pipeline_param_names(pieces: PipelinePieces, model: nn.Module) -> dict[str, 
     out: dict[str, str] = {}
     for idx, (d, layer) in enumerate(zip(pieces.defs, pieces.layers)):
         if d.tie_key is not None:
-            base, mod = f"tied_modules.{d.tie_key}", d.module
+            base, mod = f"tied_modules.{d.tie_key}.inner", d.module
         else:
             base, mod = str(idx), layer
         for n, p in mod.named_parameters():

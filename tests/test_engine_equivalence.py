@@ -111,8 +111,10 @@ def _build_model(cfg):
     return model
 
 
-def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at):
-    """Train ``steps`` steps; return per-step (loss, grad_norm, skipped), eval loss and the consolidated weights."""
+def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at, ckpt_dir=None, resume_at=None):
+    """Train ``steps`` steps; return per-step (loss, grad_norm, skipped), eval loss and the consolidated weights.
+    With ``ckpt_dir``: save before step ``resume_at``, and at the end load that checkpoint into the same engine and
+    replay the remaining steps (their losses must repeat exactly)."""
     from llmscale.dist import discover_world, shutdown
     from llmscale.engine import build_engine
     from llmscale.parallel import solve_batch
@@ -123,6 +125,8 @@ def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at):
     hist = []
     before = after = None
     for step in range(steps):
+        if ckpt_dir is not None and step == resume_at:
+            engine.save(f"{ckpt_dir}/step{step}", {"step": step})
         mbs = _my_micro_batches(family, step, engine.dp_rank, engine.dp_size)
         if nan_at is not None and step == nan_at[0] and rank == nan_at[1]:
             before = engine.full_state_dict()
@@ -140,13 +144,20 @@ def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at):
     parts = _my_micro_batches(family, eval_step, engine.dp_rank, engine.dp_size)
     ev = engine.eval_loss({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
     sd = engine.full_state_dict()
+    replay = None
+    if ckpt_dir is not None:
+        client = engine.load(f"{ckpt_dir}/step{resume_at}")
+        assert client["step"] == resume_at and engine.global_step == resume_at, (client.get("step"), engine.global_step)
+        replay = [engine.train_step(_my_micro_batches(family, s, engine.dp_rank, engine.dp_size)).loss
+                  for s in range(resume_at, steps)]
     unchanged = None
     if before is not None and rank == 0:
         unchanged = max(float((before[k] - after[k]).abs().max()) for k in before)
     shutdown()
     # numpy: torch tensors would travel through shared memory that dies with this process
     sd = {k: v.numpy() for k, v in sd.items()} if rank == 0 else None
-    return {"hist": hist, "eval": ev, "sd": sd, "unchanged": unchanged,
+    return {"hist": hist, "eval": ev, "sd": sd, "unchanged": unchanged, "replay": replay,
+            "uc_info": engine.universal_checkpoint_info() if rank == 0 else None,
             "layout": (engine.layout.dp, engine.layout.tp, engine.layout.pp, engine.layout.dp_rank)}
 
 
@@ -169,8 +180,14 @@ def _poisoned_step(engine, mbs):
         h.remove()
 
 
-def _run(world, parallel, family="gpt", steps=STEPS, nan_at=None):
-    return run_distributed(_train_job, world, args=(parallel, family, steps, steps + 1, nan_at), timeout=600)
+def _run(world, parallel, family="gpt", steps=STEPS, nan_at=None, ckpt_dir=None, resume_at=6):
+    return run_distributed(_train_job, world, args=(parallel, family, steps, steps + 1, nan_at, ckpt_dir, resume_at),
+                           timeout=600)
+
+
+def _assert_resumed(got, what):
+    """Loading the step-6 checkpoint into the engine and replaying steps 6..9 repeats their losses exactly."""
+    assert got["replay"] == [h[0] for h in got["hist"][6:]], f"{what}: resumed losses differ"
 
 
 # The attention key bias has a mathematically zero gradient (adding b_k shifts every score of a query by
@@ -217,26 +234,42 @@ def test_reference_run_learns_and_clips():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_data_parallel_zero_stages(stage):
-    got = _run(2, {"zero_stage": stage})
+def test_data_parallel_zero_stages(stage, tmp_path):
+    got = _run(2, {"zero_stage": stage}, ckpt_dir=str(tmp_path) if stage in (1, 3) else None)
     _assert_same(_reference(), got[0], f"DP=2 ZeRO-{stage}")
     assert [g["layout"][3] for g in got] == [0, 1]
+    if stage in (1, 3):
+        _assert_resumed(got[0], f"DP=2 ZeRO-{stage}")
 
 
 def test_zero2_optimizer_offload():
     _assert_same(_reference(), _run(2, {"zero_stage": 2, "offload_optimizer": True})[0], "DP=2 ZeRO-2 offload")
 
 
-def test_tensor_parallel():
-    _assert_same(_reference(), _run(2, {"tensor_parallel": 2})[0], "TP=2")
+def test_tensor_parallel(tmp_path):
+    got = _run(2, {"tensor_parallel": 2, "zero_stage": 1}, ckpt_dir=str(tmp_path))[0]
+    _assert_same(_reference(), got, "TP=2 ZeRO-1")
+    _assert_resumed(got, "TP=2 ZeRO-1")
+    info = got["uc_info"]
+    assert "^blocks\\.0\\.attn\\.o_proj\\.weight$" in info["parameter_with_row_parallelism_patterns"]
+    assert "^blocks\\.0\\.attn\\.o_proj\\.bias$" in info["tp_replicated_parameter_patterns"]
+    assert "^tok_embed\\.weight$" in info["tp_replicated_parameter_patterns"]
+    assert not any("q_proj" in p for p in info["tp_replicated_parameter_patterns"])  # column-split: default dim 0
 
 
-def test_pipeline_parallel():
-    _assert_same(_reference(), _run(2, {"pipeline_parallel": 2})[0], "PP=2")
+def test_pipeline_parallel(tmp_path):
+    got = _run(2, {"pipeline_parallel": 2}, ckpt_dir=str(tmp_path))[0]
+    _assert_same(_reference(), got, "PP=2")
+    _assert_resumed(got, "PP=2")
+    info = got["uc_info"]
+    assert info["pipeline_replicated_parameter_patterns"] == ["^tied_modules\\.embed\\.inner\\.weight$"]
+    assert info["llmscale_param_names"]["tied_modules.embed.inner.weight"] == "tok_embed.weight"
 
 
-def test_tensor_times_pipeline():
-    _assert_same(_reference(), _run(4, {"tensor_parallel": 2, "pipeline_parallel": 2})[0], "TP=2 x PP=2")
+def test_tensor_times_pipeline(tmp_path):
+    got = _run(4, {"tensor_parallel": 2, "pipeline_parallel": 2}, ckpt_dir=str(tmp_path))[0]
+    _assert_same(_reference(), got, "TP=2 x PP=2")
+    _assert_resumed(got, "TP=2 x PP=2")
 
 
 def test_dp_tp_pp_eight_processes():
