@@ -481,3 +481,15 @@ def test_real_prepared_bert_dataset(shakespeare):
     row = original[0, : int(att[0].sum())]
     sep = int(np.flatnonzero(row == tok.sep_id)[0])
     assert tok.decode(row[1:sep].tolist()) in text  # segment A is real text
+
+
+def test_bench_data_loader_and_open_parts(gpt_ds, tmp_path):
+    from llmscale.bench.data import bench_loader, bench_open
+
+    root, info = gpt_ds
+    res = bench_loader(root, seq_len=16, micro_batch=2, global_batch=8, rounds=1, num_workers=1)
+    assert res["train_tokens"] == len(info["train"]) and res["loader_tokens_per_s"] > 0
+    assert res["ratio"] == pytest.approx(res["loader_tokens_per_s"] / res["raw_read_tokens_per_s"], rel=1e-3)
+    assert res["loader_tokens_per_s_num_workers_1"] > 0
+    opened = bench_open(tmp_path, shards=10, rounds=1)
+    assert opened["shards"] == 10 and 0 < opened["open_s"] < 10
