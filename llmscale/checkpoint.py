@@ -369,9 +369,15 @@ def _relative_files(root: Path) -> list[str]:
     return out
 
 
+def _hash_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _hash_files(root: Path, rels: Iterable[str], *, fsync: bool = False) -> dict[str, dict]:
-    out = {}
-    for rel in rels:
+    """size + sha256 (+ fsync) of each file; threads overlap the files (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rel: str) -> tuple[str, dict]:
         p = root / rel
         if fsync:
             fd = os.open(p, os.O_RDONLY)
@@ -379,8 +385,10 @@ def _hash_files(root: Path, rels: Iterable[str], *, fsync: bool = False) -> dict
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        out[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    return out
+        return rel, {"size": p.stat().st_size, "sha256": sha256_file(p)}
+
+    with ThreadPoolExecutor(_hash_threads()) as pool:
+        return dict(pool.map(one, list(rels)))
 
 
 def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[int, int] = (0, 1)) -> list[str]:
@@ -401,10 +409,9 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[
         for f in extra:
             problems.append(f"{ckpt / f}: file not listed in the manifest (planted or left by another tool); "
                             f"remove it or restore the checkpoint from a copy")
-    names = sorted(files)
-    for i, rel in enumerate(names):
-        if i % shard[1] != shard[0]:
-            continue
+    names = [rel for i, rel in enumerate(sorted(files)) if i % shard[1] == shard[0]]
+    to_hash = []
+    for rel in names:
         if rel.startswith("/") or ".." in Path(rel).parts:
             problems.append(f"{MANIFEST} lists a path outside the checkpoint: {rel!r}")
             continue
@@ -418,8 +425,15 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[
         if size != want["size"]:
             problems.append(f"{p}: size {size} bytes, the manifest says {want['size']} (truncated or overwritten)")
             continue
-        if checksums and sha256_file(p) != want["sha256"]:
-            problems.append(f"{p}: sha256 differs from the manifest (the file is corrupted or was replaced)")
+        to_hash.append(rel)
+    if checksums and to_hash:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(_hash_threads()) as pool:
+            digests = dict(zip(to_hash, pool.map(lambda r: sha256_file(ckpt / r), to_hash)))
+        for rel in to_hash:
+            if digests[rel] != files[rel]["sha256"]:
+                problems.append(f"{ckpt / rel}: sha256 differs from the manifest (the file is corrupted or was replaced)")
     return problems
 
 
@@ -603,6 +617,8 @@ class CheckpointManager:
                 "universal": None,
                 "tokenizer_hash": self.tokenizer_hash,
                 "stateful": sorted(stateful),
+                # DeepSpeed parameter name -> single-device name (pipeline stages rename parameters)
+                "param_names": dict(getattr(engine, "_name_map", None) or {}),
                 "state_summary": summary,
                 "versions": {"torch": torch.__version__, "deepspeed": _ds_version()},
                 "total_bytes": sum(v["size"] for v in files.values()),
@@ -755,7 +771,13 @@ class CheckpointManager:
             err = _broadcast(err)
             if err:
                 raise CheckpointError(err)
-            client = _engine_load(engine, ckpt / UNIVERSAL_DIR, universal=True)
+            view = self._universal_view(ckpt, m, engine)
+            try:
+                client = _engine_load(engine, view, universal=True)
+            finally:
+                _barrier()
+                if _rank() == 0 and view.name != UNIVERSAL_DIR:
+                    shutil.rmtree(view, ignore_errors=True)
         else:
             client = _engine_load(engine, ckpt / ENGINE_DIR, universal=False)
         step = int(m["step"])
@@ -785,6 +807,35 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         log.info("loaded checkpoint %s (step %d) in %.2fs", ckpt, step, time.perf_counter() - t0)
         return step
+
+    def _universal_view(self, ckpt: Path, m: dict, engine: Any) -> Path:
+        """The universal folder as the loading engine names its parameters. Pipeline stages name parameters
+        by layer index ("3.attn.q_proj.weight"), a plain model by module path: both map to single-device
+        names (recorded in the manifest at save, and known by the loading engine), so a folder of symlinks
+        renames them without copying. Collective; returns CKPT/universal itself when the names agree."""
+        src = ckpt / UNIVERSAL_DIR
+        saved: dict[str, str] = m.get("param_names") or {}
+        target: dict[str, str] = dict(getattr(engine, "_name_map", None) or {})
+        if not target or all((src / "zero" / k).is_dir() for k in target):
+            return src
+        view = ckpt / (TMP_PREFIX + "universal-view")
+        if _rank() == 0:
+            shutil.rmtree(view, ignore_errors=True)
+            (view / "zero").mkdir(parents=True)
+            for f in src.iterdir():
+                if f.is_file():
+                    os.symlink(f.resolve(), view / f.name)
+            by_full: dict[str, Path] = {}
+            for d in sorted((src / "zero").iterdir()):
+                if d.is_dir():
+                    by_full.setdefault(saved.get(d.name, d.name), d)
+                else:
+                    os.symlink(d.resolve(), view / "zero" / d.name)
+            for ds_name, full in target.items():
+                if full in by_full and not (view / "zero" / ds_name).exists():
+                    os.symlink(by_full[full].resolve(), view / "zero" / ds_name)
+        _barrier()
+        return view
 
     def rollback(self, engine: Any, stateful: dict[str, Any], *, keep: Iterable[str] = ("loader",)) -> int:
         """After repeated non-finite steps: reload the newest complete checkpoint into ``engine`` and

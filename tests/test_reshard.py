@@ -39,3 +39,73 @@ def test_zero1_dp2_to_dp1_to_dp2(tmp_path):
     losses = {**a[0]["losses"], **b[0]["losses"], **c[0]["losses"]}
     for step in range(1, 7):
         assert losses[step] == pytest.approx(ref[0]["losses"][step], rel=1e-5, abs=1e-6), step
+
+
+# ------------------------------------------------------------------ the real trainer: TP 2 -> 1, PP 2 -> 1, export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpt_data(tmp_path_factory, corpus_path):
+    from llmscale.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("reshard-data") / "ds"
+    prepare_dataset([corpus_path], out, vocab_size=512, format="gpt", seq_len=64, val_fraction=0.05,
+                    doc_split="paragraph", num_proc=1)
+    return out
+
+
+def _train(data: Path, run_dir: Path, steps: int, *, nproc: int = 1, final: bool = False, **extra):
+    from llmscale.testing import run_cli
+
+    o = {"run_dir": run_dir, "data.path": data, "data.seq_len": 64, "model.preset": "gpt-tiny", "model.bias": "true",
+         "model.max_seq_len": 64, "model.dropout": 0.0, "optim.warmup_steps": 2, "optim.schedule": "constant",
+         "parallel.zero_stage": 1, "parallel.micro_batch_size": 4, "parallel.global_batch_size": 8,
+         "train.steps": steps, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 1,
+         "train.tensorboard": "false", "checkpoint.every_steps": 2, **extra}
+    args = ["train", str(ROOT / "configs" / "quickstart.yaml"), *[f"{k}={v}" for k, v in o.items()]]
+    return run_cli(args + ([] if final else ["--no-final-weights"]), nproc=nproc, timeout=600)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    import json
+
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in recs if r.get("kind") == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(gpt_data, tmp_path_factory) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("reshard-ref") / "run"
+    _train(gpt_data, run, 6)
+    return _losses(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("degree", ["tensor_parallel", "pipeline_parallel"])
+def test_trainer_resumes_tp_or_pp_2_on_1_and_exports_consolidated(gpt_data, reference, tmp_path, degree):
+    import torch
+
+    from llmscale.jobs.generate import load_model_source
+    from llmscale.testing import run_cli
+
+    run = tmp_path / "run"
+    _train(gpt_data, run, 4, nproc=2, final=True, **{f"parallel.{degree}": 2})
+    ck4 = run / "checkpoints" / "step-000004"
+    assert read_manifest(ck4)["layout"][{"tensor_parallel": "tp", "pipeline_parallel": "pp"}[degree]] == 2
+    # export consolidates the 2-way checkpoint into one model folder equal to the engine's own consolidation
+    run_cli(["export", str(ck4), str(tmp_path / "hf")])
+    model, _, _ = load_model_source(tmp_path / "hf")
+    want = torch.load(run / "final" / "model.pt", weights_only=True)
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=0, atol=0, msg=k)
+    # the same command on 1 process (tp=pp=1) continues from step 4 through the universal format
+    _train(gpt_data, run, 6, nproc=1)
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert losses[step] == pytest.approx(reference[step], rel=2e-4), (step, losses[step], reference[step])
+    assert read_manifest(run / "checkpoints" / "step-000006")["layout"]["tp"] == 1

@@ -35,7 +35,10 @@ def main(args: argparse.Namespace) -> int:
     from llmscale.jobs.generate import load_model_source
     from llmscale.models.hf import export_model, hf_architecture
 
-    model, cfg, tok_dir = load_model_source(args.source)
+    from llmscale.ckpt_export import is_checkpoint, load_checkpoint_model
+
+    # a training checkpoint of any layout (or a run directory without final weights) is consolidated first
+    model, cfg, tok_dir = load_checkpoint_model(args.source) if is_checkpoint(args.source) else load_model_source(args.source)
     arch = hf_architecture(cfg)  # refuse before anything is written
     tokenizer = args.tokenizer or tok_dir
     if tokenizer is None:

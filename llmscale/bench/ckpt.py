@@ -1,0 +1,227 @@
+"""``llmscale bench ckpt [--output FILE] [--size-mb N] [--dir DIR]``: checkpoint save/load throughput beside
+the raw sequential write/read speed of the same disk, measured in the same run (JSON).
+
+* raw disk: write N MB in 8 MB blocks + fsync, then read it back after evicting it from the page cache
+  (``posix_fadvise(DONTNEED)``), like ``dd conv=fsync`` / ``dd iflag=direct``;
+* save: :meth:`CheckpointManager.save` of a ZeRO-1 DeepSpeed engine whose fp32 parameters take N MB (the
+  checkpoint also holds the Adam moments and fp32 master copy: about 4 N MB); includes hashing + fsync;
+* stall: how much longer the training step that saves takes than a median step;
+* load: cache evicted, verify checksums + DeepSpeed load + llmscale state;
+* launch to first resumed step: a fresh process (imports, engine, resume, one step), as after a requeue.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BLOCK = 8 << 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", help="Also write the JSON result to this file.")
+    p.add_argument("--size-mb", type=int, default=256, help="fp32 parameter bytes of the benchmark model (MB).")
+    p.add_argument("--dir", help="Folder on the disk to measure (default: a temporary folder under ./runs).")
+    p.add_argument("--keep", action="store_true", help="Keep the benchmark files.")
+    p.add_argument("--resume-probe", help=argparse.SUPPRESS)
+
+
+def _evict(path: Path) -> None:
+    for p in ([path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_disk(folder: Path, size_mb: int) -> dict:
+    f = folder / "raw.bin"
+    buf = os.urandom(BLOCK)
+    n = max(size_mb * (1 << 20) // BLOCK, 1)
+    t0 = time.perf_counter()
+    with open(f, "wb", buffering=0) as fh:
+        for _ in range(n):
+            fh.write(buf)
+        os.fsync(fh.fileno())
+    tw = time.perf_counter() - t0
+    _evict(f)
+    t0 = time.perf_counter()
+    with open(f, "rb", buffering=0) as fh:
+        while fh.read(BLOCK):
+            pass
+    tr = time.perf_counter() - t0
+    from llmscale.data.shards import sha256_file
+
+    t0 = time.perf_counter()
+    sha256_file(f)  # from the page cache now: the cost of checksumming alone
+    th = time.perf_counter() - t0
+    nbytes = n * BLOCK
+    f.unlink()
+    return {"bytes": nbytes, "write_gbps": nbytes / tw / 1e9, "read_gbps": nbytes / tr / 1e9,
+            "sha256_gbps": nbytes / th / 1e9}
+
+
+def _model(size_mb: int):
+    import torch
+
+    width = 2048
+    layers = max(int(size_mb * (1 << 20) / 4 / (width * width + width)), 1)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+
+def _engine(size_mb: int):
+    import deepspeed
+
+    model = _model(size_mb)
+    cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine
+
+
+def _step(engine) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    x = torch.randn(4, 2048)
+    loss = engine(x).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    return time.perf_counter() - t0
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.step = int(s["step"])
+
+
+def _init_single_process() -> None:
+    import torch.distributed as dist
+
+    from llmscale.testing import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def _probe(run_dir: str, size_mb: int) -> int:
+    """Child process: build, resume, one step; print the seconds spent inside this process."""
+    from llmscale.checkpoint import CheckpointManager
+    from llmscale.config import CheckpointConfig
+
+    _init_single_process()
+    engine = _engine(size_mb)
+    counters = _Count()
+    step = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig()).resume(engine, {"trainer": counters})
+    _step(engine)
+    print(json.dumps({"resumed": step}), flush=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.resume_probe:
+        return _probe(args.resume_probe, args.size_mb)
+    import torch
+
+    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    from llmscale.checkpoint import CheckpointManager
+    from llmscale.config import CheckpointConfig
+
+    base = Path(args.dir) if args.dir else Path("runs")
+    base.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
+    try:
+        raw = raw_disk(folder, max(args.size_mb * 2, 256))
+        _init_single_process()
+        engine = _engine(args.size_mb)
+        nparams = sum(p.numel() for p in engine.module.parameters())
+        counters = _Count()
+        run_dir = folder / "run"
+        mgr = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(every_steps=5, keep_last=1))
+        steps = []
+        stall = None
+        saves = []
+        for i in range(1, 11):
+            dt = _step(engine)
+            counters.step = i
+            t0 = time.perf_counter()
+            path = mgr.maybe_save(i, engine, {"trainer": counters})
+            ds = time.perf_counter() - t0
+            if path is None:
+                steps.append(dt)
+            else:
+                saves.append(ds)
+                stall = dt + ds
+        med = statistics.median(steps)
+        from llmscale.checkpoint import read_manifest
+
+        m = read_manifest(path)
+        nbytes = m["total_bytes"]
+        _evict(path)
+        counters2 = _Count()
+        t0 = time.perf_counter()
+        mgr.load(path, engine, {"trainer": counters2})
+        tl = time.perf_counter() - t0
+        # a fresh process resuming, as after a requeue
+        env = dict(os.environ)
+        env.pop("MASTER_PORT", None)
+        _evict(path)
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "llmscale", "bench", "ckpt", "--resume-probe", str(run_dir),
+                              "--size-mb", str(args.size_mb)], capture_output=True, text=True, env=env)
+        t_launch = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"resume probe failed:\n{out.stderr[-3000:]}")
+        save_gbps = nbytes / min(saves) / 1e9
+        load_gbps = nbytes / tl / 1e9
+        result = {
+            "benchmark": "ckpt",
+            "disk_dir": str(folder),
+            "model_params": nparams,
+            "model_mb_fp32": nparams * 4 / 1e6,
+            "checkpoint_bytes": nbytes,
+            "checkpoint_files": len(m["files"]),
+            "raw_write_gbps": raw["write_gbps"],
+            "raw_read_gbps": raw["read_gbps"],
+            "sha256_gbps": raw["sha256_gbps"],
+            "save_s": min(saves),
+            "save_gbps": save_gbps,
+            "save_vs_raw_write": save_gbps / raw["write_gbps"],
+            "load_s": tl,
+            "load_gbps": load_gbps,
+            "load_vs_raw_read": load_gbps / raw["read_gbps"],
+            "median_step_s": med,
+            "save_step_s": stall,
+            "training_stall_s": stall - med if stall is not None else None,
+            "launch_to_first_resumed_step_s": t_launch,
+            "world_size": 1,
+            "zero_stage": 1,
+            "cpu_count": os.cpu_count(),
+        }
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Consolidate a training checkpoint of any layout into single-device weights, for ``llmscale export``.
+
+* data parallel only (ZeRO 0-2): the full weights are DeepSpeed's ``model/mp_rank_00_model_states.pt``
+  ("module"), read with ``torch.load(weights_only=True)``;
+* tensor/pipeline parallel or ZeRO-3: the checkpoint is converted to DeepSpeed's universal format (merged
+  fp32 parameters, one folder per parameter) and the DeepSpeed names are mapped back to the single-device
+  model's names with the map the engine stored in the checkpoint (``llmscale_param_names``).
+
+Every file is checked against the manifest before anything is read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from llmscale.checkpoint import (ENGINE_DIR, FORMAT_NAME, MANIFEST, UNIVERSAL_DIR, CheckpointError, convert_to_universal,
+                                 list_checkpoints, read_manifest, verify_checkpoint)
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+
+def resolve_checkpoint(path: str | Path) -> Optional[Path]:
+    """A checkpoint folder for PATH (itself, or the newest complete one of a run/checkpoints folder), else None."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        try:
+            if read_manifest(p).get("format") == FORMAT_NAME:
+                return p
+        except CheckpointError:
+            return None
+    if (p / "checkpoints").is_dir() and not (p / "final").is_dir() or p.name == "checkpoints":
+        done = [i for i in list_checkpoints(p) if i.complete]
+        return done[-1].path if done else None
+    return None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return resolve_checkpoint(path) is not None
+
+
+def _load_tensors(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:
+    lay = m["layout"]
+    if lay["tp"] == 1 and lay["pp"] == 1 and lay["zero_stage"] < 3:
+        sd = _load_tensors(ckpt / ENGINE_DIR / "mp_rank_00_model_states.pt")
+        return {k: v.detach().float() for k, v in sd["module"].items()}
+    uni = convert_to_universal(ckpt)
+    meta = _load_tensors(uni / "mp_rank_00_model_states.pt") if (uni / "mp_rank_00_model_states.pt").is_file() else {}
+    info = meta.get("universal_checkpoint_info", {}) if isinstance(meta, dict) else {}
+    names: dict[str, str] = info.get("llmscale_param_names") or {}
+    out: dict[str, torch.Tensor] = {}
+    for d in sorted((uni / "zero").iterdir()):
+        f = d / "fp32.pt"
+        if not f.is_file():
+            continue
+        param = _load_tensors(f)
+        t = param["param"] if isinstance(param, dict) else param
+        out.setdefault(names.get(d.name, d.name), t.detach().float())
+    return out
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[Any, Any, Optional[Path]]:
+    """``(model, model_cfg, tokenizer_dir)`` from a checkpoint (or a run directory's newest checkpoint)."""
+    from llmscale.config import RunConfig, from_dict, read_yaml
+    from llmscale.models import build_model
+
+    ckpt = resolve_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path} is not an llmscale checkpoint (`llmscale ckpt list` shows a run's checkpoints).")
+    problems = verify_checkpoint(ckpt)
+    if problems:
+        raise CheckpointError(f"{ckpt} is damaged, refusing to export it: " + "; ".join(problems[:5]))
+    m = read_manifest(ckpt)
+    if not (ckpt / "config.yaml").is_file():
+        raise CheckpointError(f"{ckpt} has no config.yaml (it was not written by `llmscale train`): cannot rebuild the model.")
+    cfg = from_dict(RunConfig, read_yaml(ckpt / "config.yaml"))
+    model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
+    sd = consolidated_state_dict(ckpt, m)
+    # tied weights are stored once; their aliases are the same Parameter in the model
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    shared = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    aliases = {n for names in shared.values() if len(names) > 1 for n in names if any(o in sd for o in names)}
+    buffers = {n for n, _ in model.named_buffers()}
+    real_missing = [k for k in missing if k not in aliases and k not in buffers]
+    if real_missing or unexpected:
+        raise CheckpointError(f"{ckpt}: the consolidated weights do not match the model of its config.yaml "
+                              f"(missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}).")
+    run_dir = ckpt.parent.parent
+    tok = run_dir / "tokenizer"
+    log.info("consolidated %s (layout dp=%d tp=%d pp=%d zero=%d, step %d)", ckpt, m["layout"]["dp"], m["layout"]["tp"],
+             m["layout"]["pp"], m["layout"]["zero_stage"], m["step"])
+    return model.eval(), cfg.model, (tok if (tok / "tokenizer_meta.json").is_file() else None)
