@@ -283,3 +283,57 @@ def test_signal_on_one_rank_saves_on_all_and_exits_75(tmp_path):
     assert res[0]["stopped"] and res[0]["step"] == res[1]["step"]
     assert [i.step for i in list_checkpoints(run)] == [res[0]["step"]]
     assert verify_checkpoint(run / "checkpoints" / f"step-{res[0]['step']:06d}") == []
+
+
+# ------------------------------------------------------------------------------------ the real `llmscale train`
+
+
+@pytest.fixture(scope="module")
+def gpt_data(tmp_path_factory, corpus_path):
+    from llmscale.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("faults-data") / "ds"
+    prepare_dataset([corpus_path], out, vocab_size=512, format="gpt", seq_len=64, val_fraction=0.05,
+                    doc_split="paragraph", num_proc=1)
+    return out
+
+
+def _train_cmd(data: Path, run_dir: Path, steps: int) -> list[str]:
+    o = {"run_dir": run_dir, "data.path": data, "data.seq_len": 64, "model.preset": "gpt-tiny", "model.max_seq_len": 64,
+         "model.dropout": 0.1, "optim.warmup_steps": 2, "parallel.zero_stage": 1, "parallel.micro_batch_size": 4,
+         "parallel.global_batch_size": 16, "train.steps": steps, "train.log_every": 1, "train.eval_every": 0,
+         "train.eval_batches": 1, "train.tensorboard": "false", "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}
+    root = Path(__file__).resolve().parents[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmscale",
+            "train", str(root / "configs" / "quickstart.yaml"), *[f"{k}={v}" for k, v in o.items()]]
+
+
+@pytest.mark.slow
+def test_sigkill_real_train_resumes_to_the_same_weights(gpt_data, tmp_path):
+    import torch
+
+    steps = 30
+    ref = tmp_path / "ref"
+    assert subprocess.run(_train_cmd(gpt_data, ref, steps), env=cpu_env(), capture_output=True, timeout=600).returncode == 0
+    run = tmp_path / "run"
+    rng = random.Random(7)
+    for i in range(3):
+        seen = logged_steps(run / "metrics.jsonl")
+        log = open(tmp_path / f"kill{i}.log", "wb")
+        p = subprocess.Popen(_train_cmd(gpt_data, run, steps), env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+                             process_group=0)
+        deadline = time.monotonic() + 300
+        while logged_steps(run / "metrics.jsonl") <= seen and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks at once
+        p.wait(timeout=60)
+        newest = assert_resumable(run)
+    assert 0 < newest < steps, newest  # the kills interrupted training, and progress was kept
+    done = subprocess.run(_train_cmd(gpt_data, run, steps), env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step" in done.stderr
+    want = torch.load(ref / "final" / "model.pt", weights_only=True)
+    got = torch.load(run / "final" / "model.pt", weights_only=True)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
