@@ -280,20 +280,50 @@ def run_cpu(*, presets: list[str], nprocs: list[int], steps: int, warmup: int, d
     return {"runs": runs, "deepspeed_vs_plain": versus, "scaling": scaling}
 
 
+def _gpu_entry(queue: Any, port: int, cfg: dict, steps: int, warmup: int) -> None:
+    """A fresh process on the GPU: DeepSpeed's CUDA accelerator and an NCCL group of one."""
+    import traceback
+
+    os.environ.update(DS_ACCELERATOR="cuda", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        queue.put((True, _gpu_worker(0, 1, cfg, steps, warmup)))
+        dist.destroy_process_group()
+    except BaseException:
+        queue.put((False, traceback.format_exc()))
+
+
 def run_gpu(*, steps: int, warmup: int = 3) -> list[dict]:
+    import multiprocessing as mp
+
     from llmscale.models.presets import REFERENCE_VOCAB
-    from llmscale.testing import run_distributed
+    from llmscale.testing import free_port
 
     out = []
+    ctx = mp.get_context("spawn")
     for name, (preset, fmt, T, mbs) in GPU_MODELS.items():
         cfg = _run_config(preset, fmt, T, mbs, mbs, "", precision="bf16", vocab_size=REFERENCE_VOCAB[preset],
                           zero_stage=1)
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_gpu_entry, args=(queue, free_port(), cfg, steps, warmup))
+        proc.start()
         try:
-            r = run_distributed(_gpu_worker, world_size=1, args=(cfg, steps, warmup), timeout=1800)[0]
-            out.append({"model": name, "preset": preset, **r})
-            log.info("%s: %.0f tokens/s, MFU %s", name, r["tokens_per_s"], r["mfu"])
-        except Exception as e:  # one model failing (e.g. out of memory) should not hide the others
-            out.append({"model": name, "preset": preset, "error": str(e).splitlines()[-1][:500]})
+            ok, payload = queue.get(timeout=1800)
+        except Exception:  # noqa: BLE001 - a hung or killed worker
+            ok, payload = False, "no result within 1800 s"
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+        if ok:
+            out.append({"model": name, "preset": preset, **payload})
+            log.info("%s: %.0f tokens/s, MFU %s", name, payload["tokens_per_s"], payload["mfu"])
+        else:  # one model failing (e.g. out of memory) should not hide the others
+            out.append({"model": name, "preset": preset, "error": payload.strip().splitlines()[-1][:500]})
     return out
 
 
