@@ -6,7 +6,7 @@ the raw sequential write/read speed of the same disk, measured in the same run (
 * save: :meth:`CheckpointManager.save` of a ZeRO-1 DeepSpeed engine whose fp32 parameters take N MB (the
   checkpoint also holds the Adam moments and fp32 master copy: about 4 N MB); includes hashing + fsync;
 * stall: how much longer the training step that saves takes than a median step;
-* load: cache evicted, verify checksums + DeepSpeed load + llmscale state;
+* load: cache evicted, verify checksums + DeepSpeed load + llmscale state (also split: verify alone, load alone);
 * launch to first resumed step: a fresh process (imports, engine, resume, one step), as after a requeue.
 """
 from __future__ import annotations
@@ -176,6 +176,16 @@ def main(args: argparse.Namespace) -> int:
 
         m = read_manifest(path)
         nbytes = m["total_bytes"]
+        from llmscale.checkpoint import verify_checkpoint
+
+        _evict(path)
+        t0 = time.perf_counter()
+        assert verify_checkpoint(path) == []
+        tv = time.perf_counter() - t0  # cold read + sha256 of every file
+        _evict(path)
+        t0 = time.perf_counter()
+        mgr.load(path, engine, {"trainer": _Count()}, verified=True)
+        tl_noverify = time.perf_counter() - t0  # DeepSpeed's torch.load + llmscale state, cold cache
         _evict(path)
         counters2 = _Count()
         t0 = time.perf_counter()
@@ -209,6 +219,9 @@ def main(args: argparse.Namespace) -> int:
             "load_s": tl,
             "load_gbps": load_gbps,
             "load_vs_raw_read": load_gbps / raw["read_gbps"],
+            "load_verify_s": tv,
+            "load_without_verify_s": tl_noverify,
+            "load_without_verify_gbps": nbytes / tl_noverify / 1e9,
             "median_step_s": med,
             "save_step_s": stall,
             "training_stall_s": stall - med if stall is not None else None,
