@@ -15,7 +15,11 @@ Layouts (all on DeepSpeed, CPU included with ``DS_ACCELERATOR=cpu`` + gloo):
   these layers compose with pipelines unchanged;
 * pipeline parallel — DeepSpeed ``PipelineModule`` (1F1B ``train_batch``) built from the model's
   ``pipeline_layers()``, tied embedding/head gradients synchronised by ``TiedLayerSpec``;
-* and every product of the three.
+* and every product of the three (DPxTP, DPxPP, TPxPP, DPxTPxPP; ZeRO 0/1 with a pipeline, 0/1/2 with TP).
+
+Proven equal to a single rank (losses, gradient norms, weights, eval loss; tests/test_engine_equivalence.py):
+DP2 with ZeRO 0/1/2/3 and ZeRO-2 offload, TP2, PP2, TP2xPP2, DP2xTP2xPP2, BERT on DP2 ZeRO-1 and PP2.
+Embeddings and the output head are replicated over tensor-parallel ranks (no vocabulary-parallel split).
 
 Non-finite steps: if the loss or the gradient norm is non-finite on any rank, every rank skips the update
 (``train.nan_policy=skip``; DeepSpeed's counters stay consistent because the skip happens inside its own
@@ -594,12 +598,9 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> 
         pipe_loss = _PipeLoss()
         module = PipelineModule(layers=pieces.layers, topology=topo.topo, loss_fn=pipe_loss,
                                 partition_method=cfg.parallel.pipeline_partition, dynamic_shape=True)
-        all_names = pipeline_param_names(pieces, model)
-        local_names = {n for n, _ in module.named_parameters()}
-        name_map = {n: all_names[n] for n in local_names}
-        # keep the names of every stage for universal-checkpoint patterns
-        name_map.update({n: f for n, f in all_names.items()})
-        local_named = [(all_names[n], p) for n, p in module.named_parameters()]
+        # names of every stage (not only this one's): universal-checkpoint patterns must cover the whole model
+        name_map = pipeline_param_names(pieces, model)
+        local_named = [(name_map[n], p) for n, p in module.named_parameters()]
     else:
         module = model
         name_map = {n: n for n, _ in model.named_parameters()}
