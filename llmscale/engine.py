@@ -331,6 +331,7 @@ class Engine:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches, the plan has "
                              f"grad_accum_steps={self.plan.grad_accum_steps}.")
         self._ctl.reset()
+        step = self.global_step
         lr = self._set_lr()
         skipped_before = int(self.ds.skipped_steps)
         t = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "comm": 0.0}
@@ -344,7 +345,7 @@ class Engine:
             grad_norm = float(grad_norm)
         if skipped or not math.isfinite(loss):
             skipped = True
-            msg = (f"step {self.global_step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+            msg = (f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
                    f"the update was skipped on every rank")
             if self.cfg.train.nan_policy == "raise":
                 raise NonFiniteError(msg + " (train.nan_policy=raise). Lower optim.lr, check the data, or set "

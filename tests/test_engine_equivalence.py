@@ -111,7 +111,8 @@ def _build_model(cfg):
     return model
 
 
-def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at, ckpt_dir=None, resume_at=None):
+def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at, ckpt_dir=None, resume_at=None,
+               nan_policy="skip"):
     """Train ``steps`` steps; return per-step (loss, grad_norm, skipped), eval loss and the consolidated weights.
     With ``ckpt_dir``: save before step ``resume_at``, and at the end load that checkpoint into the same engine and
     replay the remaining steps (their losses must repeat exactly)."""
@@ -119,7 +120,7 @@ def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at, ckp
     from llmscale.engine import build_engine
     from llmscale.parallel import solve_batch
 
-    cfg = _cfg(parallel, family=family)
+    cfg = _cfg(parallel, family=family, nan_policy=nan_policy)
     plan = solve_batch(cfg.parallel, world_size=world_size, seq_len=SEQ)
     engine = build_engine(cfg, _build_model(cfg), world=discover_world(), plan=plan)
     hist = []
@@ -180,9 +181,9 @@ def _poisoned_step(engine, mbs):
         h.remove()
 
 
-def _run(world, parallel, family="gpt", steps=STEPS, nan_at=None, ckpt_dir=None, resume_at=6):
-    return run_distributed(_train_job, world, args=(parallel, family, steps, steps + 1, nan_at, ckpt_dir, resume_at),
-                           timeout=600)
+def _run(world, parallel, family="gpt", steps=STEPS, nan_at=None, ckpt_dir=None, resume_at=6, nan_policy="skip"):
+    return run_distributed(_train_job, world, timeout=600,
+                           args=(parallel, family, steps, steps + 1, nan_at, ckpt_dir, resume_at, nan_policy))
 
 
 def _assert_resumed(got, what):
@@ -301,3 +302,11 @@ def test_bert_through_the_engine(parallel):
     ref = _bert_reference()
     assert all(math.isfinite(h[0]) for h in ref["hist"]) and ref["eval"][1] > 0
     _assert_same(ref, _run(2, parallel, family="bert")[0], f"BERT {parallel}")
+
+
+def test_non_finite_step_raises_with_policy_raise():
+    """train.nan_policy=raise: the step with a NaN on rank 0 raises NonFiniteError (on every rank, so none hangs)."""
+    from llmscale.testing import DistributedTestError
+
+    with pytest.raises(DistributedTestError, match=r"NonFiniteError: step 1: non-finite loss nan.*nan_policy=raise"):
+        _run(2, {"zero_stage": 1}, steps=2, nan_at=(1, 0), nan_policy="raise")
