@@ -191,3 +191,9 @@ def test_pipeline_partition_in_config():
     assert ds["pipeline"]["partition_method"] == "uniform"
     assert isinstance(check_layout(c, 2), Layout)
     assert isinstance(solve_batch(c.parallel, world_size=2, seq_len=32), BatchPlan)
+
+
+def test_wall_clock_breakdown_with_pipeline_refused():
+    c = cfg({"pipeline_parallel": 2, "micro_batch_size": 1}, deepspeed={"wall_clock_breakdown": True})
+    with pytest.raises(LayoutError, match=r"wall_clock_breakdown=true fails with pipeline_parallel>1.*Set deepspeed\.wall_clock_breakdown=false"):
+        build_deepspeed_config(c, solve_batch(c.parallel, world_size=2, seq_len=32))
