@@ -559,13 +559,19 @@ class CheckpointManager:
         name = step_name(step)
         tmp = self.dir / (TMP_PREFIX + name)
         final = self.dir / name
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / STATE_DIR).mkdir(parents=True)
-        _barrier()
         err: Optional[BaseException] = None
+        if rank == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / STATE_DIR).mkdir(parents=True)
+            except OSError as e:  # reported through the agreement below, so no rank waits forever
+                err = e
+        if _any(err is not None):
+            err = err or CheckpointError(f"rank 0 could not create {tmp}")
         try:
+            if err is not None:
+                raise err
             # 1. llmscale state of this rank: stateful objects + RNG (JSON + safetensors, fsynced)
             from llmscale.rng import save_rng_state
 
