@@ -119,7 +119,8 @@ def params_digest(engine: Any) -> str:
 def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: int = 2, keep_last: int = 2,
           keep_every: int = 0, zero_stage: int = 1, stop_after: Optional[int] = None, resume: bool = True,
           nan_steps: tuple = (), max_bad_steps: int = 0, loss_log: Optional[str] = None,
-          preempt: bool = False, step_sleep: float = 0.0, dropout: float = 0.2) -> dict:
+          preempt: bool = False, step_sleep: float = 0.0, dropout: float = 0.2,
+          resume_from: Optional[str] = None) -> dict:
     """The trainer's checkpoint protocol on a toy DeepSpeed model. Returns losses by step and a digest of
     the final weights. ``stop_after``: leave the loop after that many steps of this process (a clean
     "interruption"). ``nan_steps``: global steps (1-based) whose loss is poisoned."""
@@ -132,7 +133,7 @@ def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: 
     stateful = {"trainer": counters, "loader": loader}
     manager = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(
         every_steps=every_steps, keep_last=keep_last, keep_every=keep_every))
-    resumed = manager.resume(engine, stateful) if resume else manager.resume(engine, stateful, no_resume=True)
+    resumed = manager.resume(engine, stateful, resume_from=resume_from, no_resume=not resume)
     guard = BadStepGuard(max_bad_steps)
     stop_flag = None
     if preempt:

@@ -120,3 +120,42 @@ def test_resume_is_bitwise_exact_with_retention_list_and_verify(tmp_path, capsys
     assert ckpt_verify.main(argparse.Namespace(path=str(ckdir / "step-000005"), no_checksums=False)) == 1
     out = capsys.readouterr().out
     assert "DAMAGED" in out and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in out and "sha256" in out
+
+
+@pytest.mark.slow
+def test_resume_from_no_resume_and_convert_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    kw = {"every_steps": 1, "keep_last": 5}
+    run_distributed(C.train, 1, args=(str(run), 3), kwargs=kw, timeout=600)
+    # an explicit checkpoint wins over the newest one
+    out = run_distributed(C.train, 1, args=(str(run), 4), kwargs={**kw, "resume_from": str(run / "checkpoints" / "step-000001")},
+                          timeout=600)[0]
+    assert out["resumed"] == 1 and out["loader_step"] == 4
+    # --no-resume starts over without destroying anything: the old checkpoints are moved aside
+    out = run_distributed(C.train, 1, args=(str(run), 2), kwargs={**kw, "resume": False}, timeout=600)[0]
+    assert out["resumed"] is None and out["loader_step"] == 2
+    aside = [p for p in run.iterdir() if p.name.startswith("checkpoints.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "step-000004" / "manifest.json").is_file()
+    assert [i.step for i in list_checkpoints(run)] == [1, 2]
+    with pytest.raises(Exception, match="damaged|neither a checkpoint"):
+        run_distributed(C.train, 1, args=(str(run), 3), kwargs={**kw, "resume_from": str(tmp_path / "nowhere")}, timeout=600)
+
+    from llmscale.jobs import ckpt_convert
+
+    assert ckpt_convert.main(argparse.Namespace(checkpoint=str(run), workers=1)) == 0
+    uni = Path(capsys.readouterr().out.strip())
+    assert uni == run / "checkpoints" / "step-000002" / "universal" and (uni / "zero").is_dir()
+    m = read_manifest(run / "checkpoints" / "step-000002")
+    assert m["universal"] == "universal" and any(f.startswith("universal/zero/") for f in m["files"])
+    assert verify_checkpoint(run / "checkpoints" / "step-000002") == []
+
+
+def test_save_schedule_steps_minutes_and_force(tmp_path):
+    import time
+
+    m = CheckpointManager(run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=5, every_minutes=0.5))
+    assert [s for s in range(1, 16) if m.should_save(s)] == [5, 10, 15]
+    m._last_save_time = time.monotonic() - 31  # half a minute since the last save
+    assert m.should_save(7) and m.should_save(7, force=True)
+    off = CheckpointManager(run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
+    assert not any(off.should_save(s) for s in range(1, 50)) and off.should_save(3, force=True)
