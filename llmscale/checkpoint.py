@@ -15,9 +15,14 @@ the files (split between them), rank 0 gathers the lists, writes the manifest, r
 ``step-000200`` and switches ``latest``. A folder without a manifest, or whose files do not match it,
 is never loaded. DeepSpeed's own ``latest`` file is never used (explicit tags, ``save_latest=False``).
 
+Storage: the checkpoint folder must be one that every rank sees (a shared filesystem, as DeepSpeed's own
+resharding needs too): ranks split the hashing of all files and rank 0 renames the folder.
+
 Safety: DeepSpeed loads its files with ``torch.load(weights_only=False)`` (deepspeed 0.19.8), i.e. pickle.
 So nothing is handed to DeepSpeed before every file of the checkpoint matched the manifest's checksums
-and no unlisted file sits beside them. llmscale's own state is JSON + safetensors (no pickle).
+and no unlisted file sits beside them. llmscale's own state is JSON + safetensors (no pickle). (This stops
+damaged and planted files; someone able to rewrite the manifest too is not stopped: protect the run
+directory's permissions.)
 
     manager = CheckpointManager(cfg, world=world)
     manager.resume(engine, stateful)                 # newest complete checkpoint, or None for a fresh run

@@ -141,9 +141,13 @@ _installed: Optional[Preemption] = None
 
 
 def install_handlers(*, grace_s: Optional[float] = None) -> Preemption:
-    """Install the SIGTERM/SIGUSR1 handlers once per process (idempotent); returns the handler."""
+    """Install the SIGTERM/SIGUSR1 handlers once per process (idempotent); returns the handler.
+    ``grace_s`` (default: env LLMSCALE_PREEMPT_GRACE_S, else none) is the hard deadline after the first
+    signal, e.g. a little less than SLURM's ``--signal=USR1@SECONDS``."""
     global _installed
     if _installed is None:
+        if grace_s is None and os.environ.get("LLMSCALE_PREEMPT_GRACE_S"):
+            grace_s = float(os.environ["LLMSCALE_PREEMPT_GRACE_S"])
         _installed = Preemption(grace_s=grace_s)
     return _installed
 
