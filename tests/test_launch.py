@@ -110,20 +110,23 @@ def test_first_host_fallback_agrees_with_scontrol(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- real launches
 
 _PROBE = textwrap.dedent("""\
-    import torch, torch.distributed as dist
+    import sys, torch, torch.distributed as dist
     from llmscale.dist import discover_world, init_distributed, shutdown
     world = discover_world()
     init_distributed(world, backend="gloo")
     t = torch.tensor([float(world.rank + 1)])
     dist.all_reduce(t)
-    print(f"PROBE rank={world.rank} world_size={world.world_size} local_rank={world.local_rank} "
-          f"local_world_size={world.local_world_size} node_rank={world.node_rank} sum={t.item()}", flush=True)
+    # One write per line: print() writes text and newline separately, and the ranks share a pipe.
+    sys.stdout.write(f"PROBE rank={world.rank} world_size={world.world_size} local_rank={world.local_rank} "
+                     f"local_world_size={world.local_world_size} node_rank={world.node_rank} sum={t.item()}\\n")
+    sys.stdout.flush()
     shutdown()
     """)
 
 
 def _check_probe(out: str) -> None:
-    lines = sorted(re.findall(r"PROBE .*", out))
+    # Non-greedy up to the number that ends a record, so records are found even if interleaved.
+    lines = sorted(re.findall(r"PROBE rank=.*?sum=\d+\.\d+", out))
     assert len(lines) == 2, out
     for r, line in enumerate(lines):
         assert line == (f"PROBE rank={r} world_size=2 local_rank={r} local_world_size=2 node_rank=0 sum=3.0"), line
