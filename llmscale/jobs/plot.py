@@ -14,7 +14,7 @@ log = get_logger(__name__)
 
 
 class PlotError(RuntimeError):
-    pass
+    """A run directory that cannot be plotted; the message says why."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

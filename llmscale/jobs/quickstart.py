@@ -29,7 +29,7 @@ PROMPT = "ROMEO:\n"
 
 
 class QuickstartError(RuntimeError):
-    pass
+    """A quickstart stage failed; the message names the stage and its log."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

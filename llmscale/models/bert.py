@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmscale.models import flops as _flops
-from llmscale.models.layers import Block, ModelOutput, count_params, init_weights, lm_loss, make_norm, run_block
+from llmscale.models.layers import LanguageModel, Block, ModelOutput, init_weights, lm_loss, make_norm, run_block
 from llmscale.models.pipeline import LayerDef
 
 
@@ -99,7 +99,7 @@ class _NSPHead(nn.Module):
         return self.classifier(torch.tanh(self.pooler(cls_hidden)))  # (B, 2)
 
 
-class BERT(nn.Module):
+class BERT(LanguageModel):
     """Masked LM (+ NSP). ``cfg`` must be resolved (see :func:`llmscale.models.build_model`)."""
 
     def __init__(self, cfg):
@@ -155,14 +155,6 @@ class BERT(nn.Module):
             out.nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         return out
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Exact parameter count, tied weights once; ``exclude_embeddings`` drops word/position/type tables."""
-        return count_params(self, exclude_embeddings=exclude_embeddings)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at ``seq_len`` (see :mod:`llmscale.models.flops`)."""
-        return _flops.flops_per_token(self.config, seq_len)
 
     def tp_plan(self) -> dict[str, str]:
         return _flops.TP_PLAN

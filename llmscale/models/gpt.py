@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from llmscale.models import flops as _flops
 from llmscale.models.layers import (
-    Block, KVCache, ModelOutput, count_params, init_weights, lm_loss, make_norm, new_kv_cache, run_block,
+    LanguageModel,
+    Block, KVCache, ModelOutput, init_weights, lm_loss, make_norm, new_kv_cache, run_block,
 )
 from llmscale.models.pipeline import LayerDef
 
@@ -34,7 +35,7 @@ def _first(inputs: Any) -> torch.Tensor:
     return inputs[0] if isinstance(inputs, (tuple, list)) else inputs
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """Causal LM. ``cfg`` must be resolved (see :func:`llmscale.models.build_model`)."""
 
     def __init__(self, cfg):
@@ -95,14 +96,6 @@ class GPT(nn.Module):
             return ModelOutput(logits=logits)
         loss, n = lm_loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss, num_targets=n)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Exact parameter count, tied weights once; ``exclude_embeddings`` drops token/position tables."""
-        return count_params(self, exclude_embeddings=exclude_embeddings)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at ``seq_len`` (see :mod:`llmscale.models.flops`)."""
-        return _flops.flops_per_token(self.config, seq_len)
 
     def tp_plan(self) -> dict[str, str]:
         return _flops.TP_PLAN

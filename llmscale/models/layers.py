@@ -286,3 +286,19 @@ class KVCache:
     v: list
     max_len: int
     pos: int = 0
+
+
+class LanguageModel(nn.Module):
+    """What every llmscale model computes the same way from its resolved ``config``."""
+
+    config: object
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Exact parameter count, tied weights once; ``exclude_embeddings`` drops the embedding tables."""
+        return count_params(self, exclude_embeddings=exclude_embeddings)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len`` (see :mod:`llmscale.models.flops`)."""
+        from llmscale.models import flops
+
+        return flops.flops_per_token(self.config, seq_len)

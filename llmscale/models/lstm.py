@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmscale.models import flops as _flops
-from llmscale.models.layers import ModelOutput, count_params, lm_loss
+from llmscale.models.layers import LanguageModel, ModelOutput, lm_loss
 from llmscale.models.pipeline import LayerDef
 
 
@@ -25,7 +24,7 @@ class LSTMState:
     max_len: int = 1 << 62
 
 
-class LSTMLM(nn.Module):
+class LSTMLM(LanguageModel):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -68,12 +67,6 @@ class LSTMLM(nn.Module):
             return ModelOutput(logits=logits)
         loss, n = lm_loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss, num_targets=n)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        return count_params(self, exclude_embeddings=exclude_embeddings)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return _flops.flops_per_token(self.config, seq_len)
 
     def tp_plan(self) -> dict[str, str]:
         return {}  # nn.LSTM is not split; use parallel.tensor_parallel=1
