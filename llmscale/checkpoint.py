@@ -35,6 +35,8 @@ crash at any point leaves a resumable run directory.
 """
 from __future__ import annotations
 
+from llmscale.errors import CheckpointError
+
 import dataclasses
 import datetime
 import json
@@ -72,8 +74,6 @@ _STEP_RE = re.compile(r"^step-(\d{6,})$")
 _CRASH_ENV = "LLMSCALE_TEST_CRASH_AT"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or used; the message names the file and what to do."""
 
 
 def step_name(step: int) -> str:

@@ -18,10 +18,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "inspect"): ("llmscale.data.inspect", "Counts, shards and a decoded sample of a dataset."),
     ("data", "order"): ("llmscale.data.order", "Which sample ids every rank reads at every step (JSON)."),
     ("data", "verify"): ("llmscale.data.verify", "Check a dataset's shards against its manifest checksums."),
-    ("train",): ("llmscale.jobs.pretrain", "Pretrain a GPT or BERT model from a YAML config on DeepSpeed."),
+    ("train",): ("llmscale.jobs.train", "Pretrain a GPT or BERT model from a YAML config on DeepSpeed."),
     ("generate",): ("llmscale.jobs.generate", "Generate text from a checkpoint or an exported model."),
     ("export",): ("llmscale.jobs.export", "Write a checkpoint as a Hugging Face transformers folder."),
-    ("import",): ("llmscale.jobs.hf_import", "Import a Hugging Face folder as an llmscale model."),
+    ("import",): ("llmscale.jobs.import_", "Import a Hugging Face folder as an llmscale model."),
     ("ckpt", "list"): ("llmscale.jobs.ckpt_list", "List the checkpoints of a run directory."),
     ("ckpt", "verify"): ("llmscale.jobs.ckpt_verify", "Verify a checkpoint's files against its manifest."),
     ("ckpt", "convert"): ("llmscale.jobs.ckpt_convert", "Convert a checkpoint to the universal (layout-free) format."),
@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(rest)
     args.command_path = path
 
-    from llmscale.config import ConfigError
+    from llmscale.errors import ConfigError, UserError
     from llmscale.log import setup_logging
 
     setup_logging(all_ranks=bool(getattr(args, "log_all_ranks", False)))
@@ -107,20 +107,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"llmscale {' '.join(path)}: config error: {e}", file=sys.stderr)
         return 2
+    except UserError as e:  # its message names the fix; anything else is a bug and keeps its traceback
+        print(f"llmscale {' '.join(path)}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # user-facing errors carry their fix in the message
-        if type(e).__name__ in _USER_ERRORS:
-            print(f"llmscale {' '.join(path)}: error: {e}", file=sys.stderr)
-            return 1
-        raise
     return int(rc or 0)
-
-
-# Exception classes whose message is meant for the user (no traceback).
-_USER_ERRORS = {"DatasetError", "TokenizerError", "PrepareError", "CheckpointError", "LayoutError", "ExportError",
-                "QuickstartError"}
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from llmscale.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A configuration mistake, found before any work started."""
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None) -> Any:

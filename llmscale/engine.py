@@ -28,6 +28,8 @@ step: its ZeRO optimizers' overflow path, or :class:`_AdamW` for ZeRO-0 fp32) or
 """
 from __future__ import annotations
 
+from llmscale.errors import NonFiniteError
+
 import dataclasses
 import math
 import os
@@ -64,8 +66,6 @@ __all__ = [
 _MODEL_KWARGS = ("labels", "attention_mask", "token_type_ids", "next_sentence_label")
 
 
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss or gradient norm with ``train.nan_policy=raise``."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ Rank order is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, mo
 """
 from __future__ import annotations
 
+from llmscale.errors import LayoutError
+
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -34,8 +36,6 @@ from llmscale.log import get_logger
 log = get_logger(__name__)
 
 
-class LayoutError(ValueError):
-    """A parallel layout or batch size that cannot run; the message names a layout that would."""
 
 
 # --------------------------------------------------------------------------- batch arithmetic

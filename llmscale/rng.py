@@ -15,6 +15,8 @@ run that was never interrupted.
 """
 from __future__ import annotations
 
+from llmscale.errors import RNGStateError
+
 import json
 import os
 import random
@@ -27,8 +29,6 @@ import torch
 RNG_FORMAT = "llmscale-rng-v1"
 
 
-class RNGStateError(RuntimeError):
-    """An RNG state file that cannot be restored; the message names the file."""
 
 
 def capture_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

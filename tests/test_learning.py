@@ -67,7 +67,7 @@ def test_bert_masked_lm_beats_unigram_baseline(tmp_path, corpus_path):
     from llmscale.data.loader import build_loader
     from llmscale.data.prepare import prepare_dataset
     from llmscale.data.shards import open_shard
-    from llmscale.jobs.pretrain import load_final_model
+    from llmscale.jobs.train import load_final_model
 
     data = tmp_path / "bert"
     m = prepare_dataset([corpus_path], data, vocab_size=512, format="bert", seq_len=64, val_fraction=0.05,

@@ -122,7 +122,7 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
     import torch
 
     from llmscale.data.loader import build_loader
-    from llmscale.jobs.pretrain import load_final_model
+    from llmscale.jobs.train import load_final_model
 
     model, tok, cfg = load_final_model(run_dir)
     loader = build_loader(cfg.data, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=16)
@@ -143,7 +143,7 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
 
 def test_vocab_and_tokenizer_mismatch_refused(gpt_data, other_tok_data, tmp_path):
     from llmscale.data.tokenizer import TokenizerError
-    from llmscale.jobs.pretrain import check_data
+    from llmscale.jobs.train import check_data
 
     vocab = json.loads((gpt_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     # model.vocab_size that disagrees with the dataset's tokenizer: refused, naming both and the fix
@@ -205,7 +205,7 @@ def test_bert_trains_with_nsp(tmp_path, corpus_path):
     import torch
 
     from llmscale.data.loader import build_loader
-    from llmscale.jobs.pretrain import load_final_model
+    from llmscale.jobs.train import load_final_model
 
     model, tok, cfg = load_final_model(run_dir)
     loader = build_loader(cfg.data, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=16,

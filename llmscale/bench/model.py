@@ -184,7 +184,7 @@ def run(
     presets = list(presets or defaults)
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
-        from llmscale.config import ConfigError
+        from llmscale.errors import ConfigError
 
         raise ConfigError(f"unknown preset(s) {unknown}; choose among: {', '.join(PRESETS)}.")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())

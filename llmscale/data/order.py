@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from llmscale.config import ConfigError
+    from llmscale.errors import ConfigError
     from llmscale.data.loader import build_loader
     from llmscale.data.shards import read_manifest
 

@@ -17,6 +17,8 @@ numpy views of the file's pages.
 """
 from __future__ import annotations
 
+from llmscale.errors import DatasetError
+
 import hashlib
 import json
 import os
@@ -34,8 +36,6 @@ FORMAT_NAME = "llmscale-token-dataset"
 SPLITS = ("train", "val")
 
 
-class DatasetError(RuntimeError):
-    """A dataset folder that cannot be used as it is; the message says how to fix it."""
 
 
 def token_dtype_for(vocab_size: int) -> np.dtype:

@@ -41,6 +41,8 @@ Cleaning (each counted, never silent)
 """
 from __future__ import annotations
 
+from llmscale.errors import PrepareError
+
 import codecs
 import glob as _glob
 import gzip
@@ -68,8 +70,6 @@ _GARBAGE = re.compile("[\udc80-\udcff\x00]")  # surrogate-escaped invalid bytes,
 _SURR = re.compile("[\udc80-\udcff]")
 
 
-class PrepareError(RuntimeError):
-    """Raw input that cannot be read or a dataset that cannot be written; the message says what to do."""
 
 
 @dataclass

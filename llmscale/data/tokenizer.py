@@ -21,6 +21,8 @@ hash (sha256 of ``tokenizer.model``) is recorded by every dataset and checkpoint
 """
 from __future__ import annotations
 
+from llmscale.errors import TokenizerError
+
 import hashlib
 import io
 import json
@@ -47,8 +49,6 @@ MODEL_TYPES = ("bpe", "unigram", "char")
 DEFAULT_SAMPLE_BYTES = 64 << 20
 
 
-class TokenizerError(RuntimeError):
-    """A tokenizer that cannot be trained or loaded as asked; the message says what to do instead."""
 
 
 class Tokenizer:

@@ -49,7 +49,7 @@ class HFTokenizer:
 
 
 def _is_run_dir(p: Path) -> bool:
-    from llmscale.jobs.pretrain import CONFIG_FILE, FINAL_DIR, FINAL_WEIGHTS
+    from llmscale.jobs.train import CONFIG_FILE, FINAL_DIR, FINAL_WEIGHTS
 
     return (p / CONFIG_FILE).is_file() and (p / FINAL_DIR / FINAL_WEIGHTS).is_file()
 
@@ -67,7 +67,7 @@ def load_model_source(source: str | Path, *, device: str = "cpu"):
         model, cfg = load_model_folder(p, device=device)
         return model, cfg, llmscale_tokenizer_dir(p)
     if p.is_dir() and _is_run_dir(p):
-        from llmscale.jobs.pretrain import RUN_TOKENIZER, load_final_model
+        from llmscale.jobs.train import RUN_TOKENIZER, load_final_model
 
         model, _tok, _run_cfg = load_final_model(p, device=device)
         return model, model.config, p / RUN_TOKENIZER

@@ -2,6 +2,8 @@
 RUN_DIR/metrics.jsonl, drawn to a PNG (matplotlib's Agg backend: no display needed)."""
 from __future__ import annotations
 
+from llmscale.errors import PlotError
+
 import argparse
 import sys
 from pathlib import Path
@@ -13,8 +15,6 @@ from llmscale.metrics import METRICS_FILE, read_metrics
 log = get_logger(__name__)
 
 
-class PlotError(RuntimeError):
-    """A run directory that cannot be plotted; the message says why."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ the repository is the same file), so an installed llmscale finds it.
 """
 from __future__ import annotations
 
+from llmscale.errors import QuickstartError
+
 import argparse
 import os
 import shutil
@@ -28,8 +30,6 @@ log = get_logger(__name__)
 PROMPT = "ROMEO:\n"
 
 
-class QuickstartError(RuntimeError):
-    """A quickstart stage failed; the message names the stage and its log."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"[3/3] validation after {v['step']} steps: loss {v['val_loss']:.3f} nats/token, perplexity "
           f"{v['val_ppl']:.1f}, {v['val_bpb']:.3f} bits/byte", flush=True)
 
-    from llmscale.jobs.pretrain import load_final_model
+    from llmscale.jobs.train import load_final_model
     from llmscale.models.generate import generate
 
     model, tok, _ = load_final_model(run_dir)

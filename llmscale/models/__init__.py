@@ -53,6 +53,6 @@ def build_model(cfg, *, vocab_size: Optional[int] = None) -> "nn.Module":
         from llmscale.models.lstm import LSTMLM
 
         return LSTMLM(rcfg)
-    from llmscale.config import ConfigError
+    from llmscale.errors import ConfigError
 
     raise ConfigError(f"model.family={rcfg.family!r} is unknown; choose gpt, bert or lstm.")

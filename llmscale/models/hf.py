@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 
 from llmscale.log import get_logger
+from llmscale.errors import ExportError
 
 log = get_logger(__name__)
 
@@ -49,8 +50,6 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-class ExportError(RuntimeError):
-    """A model or folder that cannot be converted exactly; the message names what is unsupported."""
 
 
 # --------------------------------------------------------------------------- which HF class

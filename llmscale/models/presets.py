@@ -76,7 +76,7 @@ def resolve_config(cfg: "ModelConfig", vocab_size: Optional[int] = None) -> "Mod
 
     ``vocab_size`` is the dataset tokenizer's. An explicit ``model.vocab_size`` wins when it is at least as
     large (padding the vocabulary, e.g. to a multiple of 64, is allowed); a smaller one cannot embed every id."""
-    from llmscale.config import ConfigError
+    from llmscale.errors import ConfigError
 
     vocab = cfg.vocab_size
     if vocab is None:
