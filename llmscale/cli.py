@@ -1,39 +1,50 @@
 """The `llmscale` command: one entry point, subcommands.
 
-Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
-``main(args) -> int | None``. Only the module of the command being run is imported, so
-``llmscale --help`` is instant and a broken optional dependency only affects its command.
+One rule: the command ``a b`` lives in ``llmscale/jobs/a_b.py`` (a word that is a Python keyword gets a
+trailing underscore: ``import`` -> ``jobs/import_.py``), which defines ``add_arguments(parser)`` and
+``main(args) -> int | None``. Jobs parse, call the library and print; library modules return values and
+log. Only the module of the command being run is imported, so ``llmscale --help`` is instant and a
+broken optional dependency only affects its command.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import sys
 from typing import Optional, Sequence
 
-# command path -> (module, one-line help)
-COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("tokenizer", "train"): ("llmscale.data.tokenizer", "Train a lossless SentencePiece tokenizer on local text."),
-    ("prepare",): ("llmscale.data.prepare", "Tokenize local txt/jsonl/parquet/csv into sharded Arrow datasets."),
-    ("data", "inspect"): ("llmscale.data.inspect", "Counts, shards and a decoded sample of a dataset."),
-    ("data", "order"): ("llmscale.data.order", "Which sample ids every rank reads at every step (JSON)."),
-    ("data", "verify"): ("llmscale.data.verify", "Check a dataset's shards against its manifest checksums."),
-    ("train",): ("llmscale.jobs.train", "Pretrain a GPT or BERT model from a YAML config on DeepSpeed."),
-    ("generate",): ("llmscale.jobs.generate", "Generate text from a checkpoint or an exported model."),
-    ("export",): ("llmscale.jobs.export", "Write a checkpoint as a Hugging Face transformers folder."),
-    ("import",): ("llmscale.jobs.import_", "Import a Hugging Face folder as an llmscale model."),
-    ("ckpt", "list"): ("llmscale.jobs.ckpt_list", "List the checkpoints of a run directory."),
-    ("ckpt", "verify"): ("llmscale.jobs.ckpt_verify", "Verify a checkpoint's files against its manifest."),
-    ("ckpt", "convert"): ("llmscale.jobs.ckpt_convert", "Convert a checkpoint to the universal (layout-free) format."),
-    ("plot",): ("llmscale.jobs.plot", "Draw a run's loss curves to a PNG."),
-    ("quickstart",): ("llmscale.jobs.quickstart", "Prepare the bundled corpus, pretrain a tiny GPT on 2 CPU processes, sample."),
-    ("bench", "data"): ("llmscale.bench.data", "Benchmark prepare and the loader against raw limits (JSON)."),
-    ("bench", "model"): ("llmscale.bench.model", "Benchmark model forward+backward throughput (JSON)."),
-    ("bench", "train"): ("llmscale.bench.train", "Benchmark training steps on DeepSpeed against plain PyTorch (JSON)."),
-    ("bench", "ckpt"): ("llmscale.bench.ckpt", "Benchmark checkpoint save/load against raw disk speed (JSON)."),
-    ("config", "show"): ("llmscale.config_cli", "Print a resolved config, or every config key with its doc."),
-    ("config", "presets"): ("llmscale.config_cli", "List the model presets."),
+# command path -> one-line help; the module is job_module(path)
+COMMANDS: dict[tuple[str, ...], str] = {
+    ("tokenizer", "train"): "Train a lossless SentencePiece tokenizer on local text.",
+    ("prepare",): "Tokenize local txt/jsonl/parquet/csv into sharded Arrow datasets.",
+    ("data", "inspect"): "Counts, shards and a decoded sample of a dataset.",
+    ("data", "order"): "Which sample ids every rank reads at every step (JSON).",
+    ("data", "verify"): "Check a dataset's shards against its manifest checksums.",
+    ("train",): "Pretrain a GPT or BERT model from a YAML config on DeepSpeed.",
+    ("generate",): "Generate text from a checkpoint or an exported model.",
+    ("export",): "Write a checkpoint as a Hugging Face transformers folder.",
+    ("import",): "Import a Hugging Face folder as an llmscale model.",
+    ("ckpt", "list"): "List the checkpoints of a run directory.",
+    ("ckpt", "verify"): "Verify a checkpoint's files against its manifest.",
+    ("ckpt", "convert"): "Convert a checkpoint to the universal (layout-free) format.",
+    ("plot",): "Draw a run's loss curves to a PNG.",
+    ("quickstart",): "Prepare the bundled corpus, pretrain a tiny GPT on 2 CPU processes, sample.",
+    ("bench", "data"): "Benchmark prepare and the loader against raw limits (JSON).",
+    ("bench", "model"): "Benchmark model forward+backward throughput (JSON).",
+    ("bench", "train"): "Benchmark training steps on DeepSpeed against plain PyTorch (JSON).",
+    ("bench", "ckpt"): "Benchmark checkpoint save/load against raw disk speed (JSON).",
+    ("config", "show"): "Print a resolved config, or every config key with its doc.",
+    ("config", "presets"): "List the model presets.",
 }
+
+
+def job_module(path: Sequence[str]) -> str:
+    """The module of a command: ``("ckpt", "list")`` -> ``llmscale.jobs.ckpt_list``, ``("import",)`` -> ``llmscale.jobs.import_``."""
+    name = "_".join(path)
+    if keyword.iskeyword(name):
+        name += "_"
+    return "llmscale.jobs." + name
 
 
 def _groups() -> dict[str, list[tuple[str, ...]]]:
@@ -45,7 +56,7 @@ def _groups() -> dict[str, list[tuple[str, ...]]]:
 
 def _top_parser() -> argparse.ArgumentParser:
     lines = []
-    for path, (_, help_) in COMMANDS.items():
+    for path, help_ in COMMANDS.items():
         lines.append(f"  {' '.join(path):<18} {help_}")
     p = argparse.ArgumentParser(
         prog="llmscale",
@@ -86,15 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         top.parse_args(argv)
         top.print_help()
         return 0
-    module_name, help_ = COMMANDS[path]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog="llmscale " + " ".join(path), description=help_)
-    add = getattr(module, "add_arguments")
-    run = getattr(module, "main")
-    if module_name == "llmscale.config_cli":
-        add(parser, path[-1])
-    else:
-        add(parser)
+    module = importlib.import_module(job_module(path))
+    parser = argparse.ArgumentParser(prog="llmscale " + " ".join(path), description=COMMANDS[path])
+    module.add_arguments(parser)
+    run = module.main
     args = parser.parse_args(rest)
     args.command_path = path
 

@@ -248,11 +248,10 @@ class CheckpointConfig:
     keep_last: int = doc(3, "Keep the newest K complete checkpoints.")
     keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of M, forever (0 = off).")
     save_at_end: bool = doc(True, "Save when training finishes.")
-    export_every: int = doc(0, "Also export a Hugging Face folder every N steps (0 = off).")
 
     def validate(self) -> None:
-        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0 or self.export_every < 0:
-            raise ConfigError("checkpoint.every_steps, every_minutes, keep_every and export_every must be >= 0.")
+        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0:
+            raise ConfigError("checkpoint.every_steps, every_minutes and keep_every must be >= 0.")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1 (the newest is never removed), got {self.keep_last}.")
 
@@ -282,6 +281,10 @@ class RunConfig:
             )
         if self.model.nsp_head and not self.data.nsp:
             raise ConfigError("model.nsp_head=true needs data.nsp=true (labels for next-sentence prediction).")
+        if self.data.nsp and not self.model.nsp_head:
+            raise ConfigError("data.nsp=true needs model.nsp_head=true: without the head the next-sentence labels have "
+                              "nothing to train (the step would fail, or a pipeline would drop the NSP loss silently). "
+                              "Set model.nsp_head=true, or data.nsp=false for masked-LM only.")
 
 
 # --------------------------------------------------------------------------- machinery

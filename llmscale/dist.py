@@ -2,6 +2,10 @@
 
 There is no module-level process-group state: code receives a :class:`World` and, for
 collectives, the default process group that :func:`init_distributed` created.
+
+Also here: the small collectives every module needs (:func:`barrier`, :func:`broadcast_object`,
+:func:`all_gather_object`, :func:`any_rank`; no-ops without a process group) and :func:`free_port`.
+What does not live here: the parallel layout's process groups (:mod:`llmscale.parallel.topology`).
 """
 from __future__ import annotations
 
@@ -124,3 +128,67 @@ def shutdown() -> None:
         except Exception:  # a peer already gone: still tear down locally
             pass
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a lone process's rendezvous, or tests)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_for_job(env: Optional[dict] = None) -> World:
+    """:func:`discover_world`; a lone process without ``MASTER_PORT`` gets a free port, so several such
+    runs can share a host."""
+    import dataclasses
+
+    env = dict(os.environ if env is None else env)
+    world = discover_world(env)
+    if world.world_size == 1 and "MASTER_PORT" not in env:
+        world = dataclasses.replace(world, master_port=free_port())
+    return world
+
+
+# --------------------------------------------------------------------------- collectives
+# Over the default process group; each is a no-op (returns its input) when no group exists, so code
+# written for N ranks runs unchanged in one process.
+
+
+def _group_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _group_ready():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not _group_ready():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if not _group_ready():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is true on any rank (of ``group``; default: the world)."""
+    if not _group_ready():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())

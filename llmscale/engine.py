@@ -1,13 +1,13 @@
 """The one place that talks to DeepSpeed: config generation, model wrapping, the optimizer step.
 
-    plan = solve_batch(cfg.parallel, world_size=world.world_size, seq_len=cfg.data.seq_len)
+    plan = plan_run(cfg, world.world_size)            # layout + batch triad, once per run
     engine = build_engine(cfg, build_model(cfg.model), world=world, plan=plan)
     result = engine.train_step(loader.next_step())      # StepResult(loss, grad_norm, lr, skipped, timings)
 
 Layouts (all on DeepSpeed, CPU included with ``DS_ACCELERATOR=cpu`` + gloo):
 
 * data parallel with ZeRO 0/1/2/3 (optimizer offload optional) — ``deepspeed.initialize`` on the model;
-* tensor parallel — llmscale's Column/RowParallelLinear (see :mod:`llmscale.parallel`) on the tensor
+* tensor parallel — llmscale's Column/RowParallelLinear (see :mod:`llmscale.parallel.tensor`) on the tensor
   group of DeepSpeed's ``PipeModelDataParallelTopology``, which is handed to DeepSpeed as its ``mpu`` so
   gradient reduction and ZeRO sharding use the matching data-parallel group. DeepSpeed's own AutoTP
   (``tensor_parallel.autotp_size``) is deliberately *not* used: it builds process groups of its own that
@@ -23,13 +23,14 @@ Embeddings and the output head are replicated over tensor-parallel ranks (no voc
 
 Non-finite steps: if the loss or the gradient norm is non-finite on any rank, every rank skips the update
 (``train.nan_policy=skip``; DeepSpeed's counters stay consistent because the skip happens inside its own
-step: its ZeRO optimizers' overflow path, or :class:`_AdamW` for ZeRO-0 fp32) or raises
+step: its ZeRO optimizers' overflow path, or :class:`llmscale.optim.SkippableAdamW` for ZeRO-0 fp32) or raises
 :class:`NonFiniteError` (``raise``).
 """
 from __future__ import annotations
 
 from llmscale.errors import NonFiniteError
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -44,24 +45,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmscale.log import get_logger
-from llmscale.parallel import (
-    BatchPlan,
-    Layout,
-    LayoutError,
-    Topology,
-    apply_tensor_parallel,
-    check_layout,
-    pipeline_param_names,
-    pipeline_pieces,
-    solve_batch,
-)
+from llmscale.optim import SkippableAdamW, StepControl, no_decay_names, param_groups
+from llmscale.errors import LayoutError
+from llmscale.parallel.pipeline import pipeline_param_names, pipeline_pieces
+from llmscale.parallel.plan import BatchPlan, Layout, RunPlan
+from llmscale.parallel.tensor import apply_tensor_parallel
+from llmscale.parallel.topology import Topology
 
 log = get_logger(__name__)
 
-__all__ = [
-    "Engine", "StepResult", "NonFiniteError", "build_engine", "build_deepspeed_config", "resolve_precision",
-    "solve_batch", "check_layout", "LayoutError", "BatchPlan", "Layout",
-]
+__all__ = ["Engine", "StepResult", "NonFiniteError", "build_engine", "build_deepspeed_config", "resolve_precision"]
 
 _MODEL_KWARGS = ("labels", "attention_mask", "token_type_ids", "next_sentence_label")
 
@@ -148,81 +141,6 @@ def build_deepspeed_config(cfg: Any, plan: BatchPlan) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- optimizer
-
-
-def _split_decay(named: Iterable[tuple[str, nn.Parameter]], no_decay: set[str], optim_cfg: Any) -> list[dict]:
-    from llmscale.optim import param_groups
-
-    return param_groups(named, optim_cfg, no_decay=no_decay)
-
-
-class _StepControl:
-    """Per-step state shared between the engine and its optimizer (ZeRO-0 fp32 only does work here)."""
-
-    def __init__(self) -> None:
-        self.force_skip = False  # set by the engine when the loss is non-finite on some rank
-        self.manage = False  # ZeRO-0 fp32: this optimizer computes norm, clips and detects non-finite grads
-        self.grad_norm: Optional[float] = None
-        self.skipped = False
-        self.clip = 0.0
-        self.params: list[nn.Parameter] = []
-        self.tp_rank = 0
-        self.model_group = None
-        self.flag_group = None
-
-    def reset(self) -> None:
-        self.force_skip = False
-        self.grad_norm = None
-        self.skipped = False
-
-
-class _AdamW(torch.optim.AdamW):
-    """torch AdamW that can skip its update on every rank at once.
-
-    For ZeRO-0 fp32 it also computes the global gradient norm (each parameter counted once over the
-    tensor- and pipeline-parallel ranks of a replica) and clips to ``optim.grad_clip``, then skips when
-    the norm is non-finite on any rank. Under ZeRO-1/2/3 and bf16/fp16 DeepSpeed's wrapper does norm,
-    clip and overflow skip itself and only calls this step for finite gradients. Setting ``overflow``
-    makes DeepSpeed count a skipped step (``skipped_steps``) and keep its counters consistent."""
-
-    def __init__(self, params, *, ctl: _StepControl, **kw):
-        super().__init__(params, **kw)
-        self.llmscale_ctl = ctl
-        self.overflow = False
-
-    def step(self, closure=None):
-        ctl = self.llmscale_ctl
-        skip = ctl.force_skip
-        if ctl.manage:
-            sq = torch.zeros((), dtype=torch.float32, device=ctl.params[0].device if ctl.params else "cpu")
-            for p in ctl.params:
-                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-                    continue
-                if ctl.tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
-                    continue  # replicated over TP: counted on TP rank 0 only
-                sq += p.grad.detach().float().pow(2).sum()
-            if ctl.model_group is not None:
-                dist.all_reduce(sq, group=ctl.model_group)
-            norm = sq.sqrt()
-            bad = (~torch.isfinite(norm)).float() + float(skip)
-            if dist.get_world_size(ctl.flag_group) > 1:
-                dist.all_reduce(bad, group=ctl.flag_group)
-            ctl.grad_norm = float(norm)
-            skip = bool(bad.item() > 0)
-            if not skip and ctl.clip > 0:
-                coef = ctl.clip / (float(norm) + 1e-6)
-                if coef < 1.0:
-                    for p in ctl.params:
-                        if p.grad is not None:
-                            p.grad.detach().mul_(coef)
-        self.overflow = skip
-        if skip:
-            ctl.skipped = True
-            return None
-        return super().step(closure)
-
-
 # --------------------------------------------------------------------------- pipeline loss
 
 
@@ -298,10 +216,23 @@ def _present_output_as_dict(model: nn.Module) -> None:
 
 
 
+@contextlib.contextmanager
+def _deepspeed_loads_universal(ds: Any, universal: bool):
+    """THE ONE PLACE THAT SETS A DEEPSPEED PRIVATE: DeepSpeed 0.19.8 decides whether ``load_checkpoint`` reads
+    a universal folder from ``engine._config.load_universal_checkpoint`` only (no argument), so it is set for
+    the duration of one load and restored after."""
+    before = ds._config.load_universal_checkpoint
+    ds._config.load_universal_checkpoint = universal
+    try:
+        yield
+    finally:
+        ds._config.load_universal_checkpoint = before
+
+
 class Engine:
     """A DeepSpeed engine for one layout. Build with :func:`build_engine`."""
 
-    def __init__(self, *, cfg, ds, layout: Layout, plan: BatchPlan, topo: Optional[Topology], ctl: _StepControl,
+    def __init__(self, *, cfg, ds, layout: Layout, plan: BatchPlan, topo: Optional[Topology], ctl: StepControl,
                  model: nn.Module, kinds: dict[str, str], name_map: dict[str, str], pipe_loss: Optional[_PipeLoss],
                  ds_config: dict):
         self.cfg = cfg
@@ -335,6 +266,12 @@ class Engine:
     def global_step(self) -> int:
         """Optimizer steps taken (skipped ones included), restored by :meth:`load`."""
         return int(self.ds.global_steps)
+
+    @property
+    def param_names(self) -> dict[str, str]:
+        """``{DeepSpeed module parameter name: single-device name}`` for every parameter of the whole model
+        (all pipeline stages), as checkpoints record it."""
+        return dict(self._name_map)
 
     def _dp_group(self):
         return self.topo.dp_group if self.topo is not None else None
@@ -509,13 +446,16 @@ class Engine:
         state["universal_checkpoint_info"] = self.universal_checkpoint_info()
         self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=state, save_latest=False)
 
-    def load(self, tag_dir: str | os.PathLike) -> dict:
-        """Restore model, optimizer and DeepSpeed counters from ``tag_dir``; returns the saved client state."""
+    def load(self, tag_dir: str | os.PathLike, *, universal: bool = False) -> dict:
+        """Restore model, optimizer and DeepSpeed counters from ``tag_dir``; returns the saved client state.
+        ``universal``: ``tag_dir`` is a universal (layout-free) checkpoint folder, named as this engine names
+        its parameters (see :func:`llmscale.checkpoint.universal.universal_view`)."""
         tag_dir = Path(tag_dir)
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(tag_dir)!r} does not exist.")
-        path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+        with _deepspeed_loads_universal(self.ds, universal):
+            path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(tag_dir)!r} (layout {self.layout.describe()}).")
         return dict(client_state or {})
@@ -587,16 +527,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> Engine:
+def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan) -> Engine:
     """Wrap ``model`` (the full single-device model, built from the same seed on every rank) for the layout of
-    ``cfg.parallel``. The default process group must exist (``llmscale.dist.init_distributed``)."""
+    ``cfg.parallel``. ``plan`` is :func:`llmscale.parallel.plan_run` of the same config and world size, computed
+    once by the caller. The default process group must exist (``llmscale.dist.init_distributed``)."""
     import deepspeed
 
-    layout = check_layout(cfg, world.world_size)
-    expected = solve_batch(cfg.parallel, world_size=world.world_size, seq_len=cfg.data.seq_len)
-    if expected != plan:
-        raise LayoutError(f"the batch plan {plan} does not match the config's {expected}; solve it with "
-                          f"llmscale.parallel.solve_batch(cfg.parallel, world_size=..., seq_len=...).")
+    if plan.layout.world_size != world.world_size:
+        raise LayoutError(f"the run plan is for {plan.layout.world_size} processes ({plan.layout.describe()}), the job "
+                          f"has {world.world_size}: compute it with llmscale.parallel.plan_run(cfg, world.world_size).")
+    layout, batch = plan.layout, plan.batch
     if not dist.is_initialized():
         raise RuntimeError("build_engine needs the default process group: call llmscale.dist.init_distributed(world) first.")
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
@@ -611,7 +551,6 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> 
     kinds = apply_tensor_parallel(model, rank=layout.tp_rank, size=layout.tp,
                                   group=topo.tp_group if topo is not None else None)
     # no decay: norms, biases, embeddings (decided on the single-device model, by single-device name)
-    from llmscale.optim import no_decay_names
 
     no_decay = no_decay_names(model)
     pipe_loss = None
@@ -631,16 +570,16 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> 
         name_map = {n: n for n, _ in model.named_parameters()}
         local_named = list(model.named_parameters())
 
-    ctl = _StepControl()
-    ds_config = build_deepspeed_config(cfg, plan)
+    ctl = StepControl()
+    ds_config = build_deepspeed_config(cfg, batch)
     ctl.manage = cfg.parallel.zero_stage == 0 and precision == "fp32"
     ctl.clip = float(cfg.optim.grad_clip)
     ctl.tp_rank = layout.tp_rank
     ctl.model_group = topo.model_group if topo is not None else None
     ctl.flag_group = None  # world
-    groups = _split_decay(local_named, no_decay, cfg.optim)
+    groups = param_groups(local_named, cfg.optim, no_decay=no_decay)
     fused = on_cuda
-    optimizer = _AdamW(groups, ctl=ctl, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+    optimizer = SkippableAdamW(groups, ctl=ctl, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                        weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {}))
     ctl.params = [p for g in groups for p in g["params"]]
     mpu = topo.grid if (topo is not None and layout.pp == 1) else None
@@ -654,7 +593,7 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: BatchPlan) -> 
     # Dropout differs per data-parallel replica, agrees within a tensor-parallel group (replicated activations).
     _seed_everything(cfg.train.seed + 1 + 1009 * layout.dp_rank + 7919 * layout.pp_rank)
     log.info("engine: %s, micro-batch %d x %d accumulation x dp %d = global batch %d, precision %s",
-             layout.describe(), plan.micro_batch_size, plan.grad_accum_steps, plan.dp_size,
-             plan.global_batch_size, precision)
-    return Engine(cfg=cfg, ds=ds, layout=layout, plan=plan, topo=topo, ctl=ctl, model=model, kinds=kinds,
+             layout.describe(), batch.micro_batch_size, batch.grad_accum_steps, batch.dp_size,
+             batch.global_batch_size, precision)
+    return Engine(cfg=cfg, ds=ds, layout=layout, plan=batch, topo=topo, ctl=ctl, model=model, kinds=kinds,
                   name_map=name_map, pipe_loss=pipe_loss, ds_config=ds_config)

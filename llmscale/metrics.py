@@ -20,22 +20,21 @@ from typing import Any, Optional
 
 import torch
 
+from llmscale.artifacts import METRICS_FILE, TB_DIR
 from llmscale.log import get_logger
 
 log = get_logger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
-
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) of common training GPUs, by a substring of
-# torch.cuda.get_device_name(). First match wins, so the more specific names come first.
-_BF16_PEAKS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989e12),
-    ("H200", 989e12),
+# torch.cuda.get_device_name() (case-insensitive). First match wins, so the more specific names come first.
+# The one table: MFU in training logs and in `llmscale bench` both use it.
+BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.4e12),
+    ("H200", 989.4e12),
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
+    ("H100", 989.4e12),  # SXM
+    ("H800", 989.4e12),
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A800", 312e12),
@@ -53,6 +52,15 @@ _BF16_PEAKS: tuple[tuple[str, float], ...] = (
 )
 
 
+def peak_flops_for(device_name: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of a GPU by its name (:data:`BF16_PEAK_FLOPS`), None when unknown."""
+    low = device_name.lower()
+    for key, peak in BF16_PEAK_FLOPS:
+        if key.lower() in low:
+            return peak
+    return None
+
+
 def device_peak_flops() -> Optional[float]:
     """bf16 peak FLOP/s of this process's GPU, ``LLMSCALE_PEAK_FLOPS`` if set, else None (CPU, unknown GPU)."""
     env = os.environ.get("LLMSCALE_PEAK_FLOPS")
@@ -61,9 +69,9 @@ def device_peak_flops() -> Optional[float]:
     if not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu":
         return None
     name = torch.cuda.get_device_name()
-    for key, peak in _BF16_PEAKS:
-        if key in name:
-            return peak
+    peak = peak_flops_for(name)
+    if peak is not None:
+        return peak
     log.warning("unknown GPU %r: MFU is not reported; set LLMSCALE_PEAK_FLOPS to its bf16 peak FLOP/s", name)
     return None
 

@@ -6,7 +6,7 @@ signal handler). At the next step boundary every rank calls :meth:`Preemption.sh
 all-reduce of the flags, so all ranks leave the loop at the same step even if only one was signalled;
 the trainer then saves a checkpoint and exits with :data:`EXIT_REQUEUE`::
 
-    preempt = Preemption(grace_s=cfg_grace)       # installs the handlers
+    preempt = Preemption(grace_s=grace_from_env())   # installs the handlers
     for step in ...:
         train_step(...)
         if preempt.should_stop():
@@ -120,41 +120,34 @@ class Preemption:
     def should_stop(self, group: object = None) -> bool:
         """True on every rank when any rank was signalled. A collective: call it on all ranks at the
         same step boundary."""
-        import torch
-        import torch.distributed as dist
+        from llmscale.dist import any_rank
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        if dist.get_backend(group) == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        stop = bool(flag.item())
+        stop = any_rank(self.requested, group)
         if stop and not self.requested:
             self.request()
         return stop
 
 
-# ---------------------------------------------------------------- process-wide handler for the trainer
-# Signal handlers are process-global by nature, so the one installed handler is kept here.
-_installed: Optional[Preemption] = None
+GRACE_ENV = "LLMSCALE_PREEMPT_GRACE_S"
 
 
-def install_handlers(*, grace_s: Optional[float] = None) -> Preemption:
-    """Install the SIGTERM/SIGUSR1 handlers once per process (idempotent); returns the handler.
-    ``grace_s`` (default: env LLMSCALE_PREEMPT_GRACE_S, else none) is the hard deadline after the first
-    signal, e.g. a little less than SLURM's ``--signal=USR1@SECONDS``."""
-    global _installed
-    if _installed is None:
-        if grace_s is None and os.environ.get("LLMSCALE_PREEMPT_GRACE_S"):
-            grace_s = float(os.environ["LLMSCALE_PREEMPT_GRACE_S"])
-        _installed = Preemption(grace_s=grace_s)
-    return _installed
+def grace_from_env(env: Optional[dict] = None) -> Optional[float]:
+    """The hard deadline after the first signal, from ``LLMSCALE_PREEMPT_GRACE_S`` (seconds; unset = none),
+    e.g. a little less than SLURM's ``--signal=USR1@SECONDS``. A value that is not a positive number is
+    refused with the fix."""
+    raw = (os.environ if env is None else env).get(GRACE_ENV)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        from llmscale.errors import ConfigError
 
-
-def stop_agreed() -> bool:
-    """Collective: True on every rank once any rank received a preemption signal (see Preemption.should_stop)."""
-    return install_handlers().should_stop()
+        raise ConfigError(f"{GRACE_ENV}={raw!r} is not a positive number of seconds; set it to e.g. 100 (a little "
+                          f"less than the scheduler's warning time) or unset it for no hard deadline.")
+    return value
 
 
 def exit_code_for(stopped: bool) -> int:

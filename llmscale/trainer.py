@@ -5,7 +5,9 @@
   (:mod:`llmscale.engine`);
 * metric sinks write the console line, ``metrics.jsonl`` and TensorBoard (:mod:`llmscale.metrics`);
 * the checkpoint manager saves and resumes everything with ``state_dict()`` (:mod:`llmscale.checkpoint`);
-* a preemption request (signal) is a flag the loop reads at a step boundary (:mod:`llmscale.signals`).
+* a preemption request (SIGTERM / SIGUSR1) is a flag the loop reads at a step boundary: :meth:`Trainer.fit`
+  installs the handlers itself for its duration (:class:`llmscale.signals.Preemption`, hard deadline from
+  ``LLMSCALE_PREEMPT_GRACE_S``).
 
     trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics,
                       flops_per_token=model.flops_per_token(cfg.data.seq_len))
@@ -51,6 +53,22 @@ class TrainState:
         self.samples_seen = int(state["samples_seen"])
 
 
+class BadStepGuard:
+    """Counts non-finite (skipped) steps in a row; ``update(skipped)`` is True when a rollback is due.
+    ``max_bad_steps=0`` turns rollback off."""
+
+    def __init__(self, max_bad_steps: int) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.in_a_row = 0
+
+    def update(self, skipped: bool) -> bool:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.max_bad_steps and self.in_a_row >= self.max_bad_steps:
+            self.in_a_row = 0
+            return True
+        return False
+
+
 class _Window:
     """Sums over the steps since the last log line, averaged when it is written."""
 
@@ -87,14 +105,14 @@ class Trainer:
 
     ``checkpoints``: a :class:`llmscale.checkpoint.CheckpointManager` (or None: no checkpoints); after
     ``train.max_bad_steps`` skipped (non-finite) steps in a row it rolls the run back to its newest checkpoint.
-    ``should_stop``: a collective returning True on every rank once any rank was asked to stop (preemption,
-    :class:`llmscale.signals.Preemption`); the loop then saves (``force=True``) and returns with
-    ``stopped=True``. ``flops_per_token``: training FLOPs per token, for MFU.
+    ``handle_signals``: install SIGTERM/SIGUSR1 handlers for the duration of :meth:`fit` (main thread only);
+    once any rank was signalled, all ranks agree at the next step boundary, save (``force=True``) and
+    return with ``stopped=True`` (the job then exits :data:`llmscale.signals.EXIT_REQUEUE`). ``flops_per_token``: training FLOPs per token, for MFU.
     ``resume_from`` / ``no_resume``: passed to ``checkpoints.resume``."""
 
     def __init__(self, cfg: Any, *, engine: Any, loader: Any, world: Any, metrics: MetricsLogger,
                  flops_per_token: Optional[float] = None, checkpoints: Any = None,
-                 should_stop: Optional[Callable[[], bool]] = None, resume_from: Optional[str] = None,
+                 handle_signals: bool = True, resume_from: Optional[str] = None,
                  no_resume: bool = False) -> None:
         self.cfg = cfg
         self.engine = engine
@@ -103,7 +121,7 @@ class Trainer:
         self.metrics = metrics
         self.flops_per_token = flops_per_token
         self.checkpoints = checkpoints
-        self.should_stop = should_stop
+        self.handle_signals = handle_signals
         self.resume_from = resume_from
         self.no_resume = no_resume
         self.state = TrainState()
@@ -118,6 +136,14 @@ class Trainer:
 
     # ---- the loop
     def fit(self) -> dict[str, Any]:
+        if not self.handle_signals:
+            return self._fit(None)
+        from llmscale.signals import Preemption, grace_from_env
+
+        with Preemption(grace_s=grace_from_env()) as preemption:
+            return self._fit(preemption)
+
+    def _fit(self, preemption: Any) -> dict[str, Any]:
         cfg = self.cfg.train
         total = cfg.steps
         if self.checkpoints is not None:
@@ -133,8 +159,6 @@ class Trainer:
         window = _Window()
         guard = None
         if self.checkpoints is not None and cfg.max_bad_steps:
-            from llmscale.checkpoint import BadStepGuard
-
             guard = BadStepGuard(cfg.max_bad_steps)
         stopped = False
         t_last = time.perf_counter()
@@ -165,7 +189,7 @@ class Trainer:
                 continue
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                 self.evaluate()
-            stop = self.should_stop() if self.should_stop is not None else False
+            stop = preemption.should_stop() if preemption is not None else False
             if self.checkpoints is not None:
                 force = stop or (last and self.cfg.checkpoint.save_at_end)
                 self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=force)

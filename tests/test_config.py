@@ -25,6 +25,8 @@ def test_overrides_types_and_nesting(tmp_path):
         (["parallel.zero_stage=4"], "0, 1, 2 or 3"),
         (["nonsense"], "key=value"),
         (["model.preset=gpt9"], "unknown"),
+        (["data.format=bert", "model.family=bert", "data.nsp=true"], "data.nsp=true needs model.nsp_head=true"),
+        (["checkpoint.export_every=5"], "Unknown config key 'checkpoint.export_every'"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, needle):

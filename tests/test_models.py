@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from llmscale.config import ConfigError, ModelConfig, from_dict
 from llmscale.models import build_model
-from llmscale.models.flops import TP_PLAN, embedding_count, param_count
+from llmscale.models.flops import embedding_count, param_count
+from llmscale.models.layers import TP_PLAN
 from llmscale.models.pipeline import full_names, run_layers
 from llmscale.models.presets import PRESETS, REFERENCE_VOCAB
 

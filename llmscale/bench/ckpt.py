@@ -1,5 +1,5 @@
-"""``llmscale bench ckpt [--output FILE] [--size-mb N] [--dir DIR]``: checkpoint save/load throughput beside
-the raw sequential write/read speed of the same disk, measured in the same run (JSON).
+"""Checkpoint save/load throughput beside the raw sequential write/read speed of the same disk, measured in the
+same run (``llmscale bench ckpt``, :mod:`llmscale.jobs.bench_ckpt`; :func:`run` returns the result dict).
 
 * raw disk: write N MB in 8 MB blocks + fsync, then read it back after evicting it from the page cache
   (``posix_fadvise(DONTNEED)``), like ``dd conv=fsync`` / ``dd iflag=direct``;
@@ -11,8 +11,6 @@ the raw sequential write/read speed of the same disk, measured in the same run (
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,14 +21,6 @@ import time
 from pathlib import Path
 
 BLOCK = 8 << 20
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", help="Also write the JSON result to this file.")
-    p.add_argument("--size-mb", type=int, default=256, help="fp32 parameter bytes of the benchmark model (MB).")
-    p.add_argument("--dir", help="Folder on the disk to measure (default: a temporary folder under ./runs).")
-    p.add_argument("--keep", action="store_true", help="Keep the benchmark files.")
-    p.add_argument("--resume-probe", help=argparse.SUPPRESS)
 
 
 def _evict(path: Path) -> None:
@@ -123,8 +113,8 @@ def _init_single_process() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def _probe(run_dir: str, size_mb: int) -> int:
-    """Child process: build, resume, one step; print the seconds spent inside this process."""
+def probe(run_dir: str, size_mb: int) -> dict:
+    """Child process (``llmscale bench ckpt --resume-probe RUN_DIR``): build, resume, one step; the step resumed."""
     from llmscale.checkpoint import CheckpointManager
     from llmscale.config import CheckpointConfig
 
@@ -133,26 +123,24 @@ def _probe(run_dir: str, size_mb: int) -> int:
     counters = _Count()
     step = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig()).resume(engine, {"trainer": counters})
     _step(engine)
-    print(json.dumps({"resumed": step}), flush=True)
-    return 0
+    return {"resumed": step}
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.resume_probe:
-        return _probe(args.resume_probe, args.size_mb)
+def run(*, size_mb: int = 256, workdir: str | None = None, keep: bool = False) -> dict:
+    """The benchmark in a temporary folder inside ``workdir`` (default ./runs), removed unless ``keep``."""
     import torch
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     from llmscale.checkpoint import CheckpointManager
     from llmscale.config import CheckpointConfig
 
-    base = Path(args.dir) if args.dir else Path("runs")
+    base = Path(workdir) if workdir else Path("runs")
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
     try:
-        raw = raw_disk(folder, max(args.size_mb * 2, 256))
+        raw = raw_disk(folder, max(size_mb * 2, 256))
         _init_single_process()
-        engine = _engine(args.size_mb)
+        engine = _engine(size_mb)
         nparams = sum(p.numel() for p in engine.module.parameters())
         counters = _Count()
         run_dir = folder / "run"
@@ -197,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
         _evict(path)
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "llmscale", "bench", "ckpt", "--resume-probe", str(run_dir),
-                              "--size-mb", str(args.size_mb)], capture_output=True, text=True, env=env)
+                              "--size-mb", str(size_mb)], capture_output=True, text=True, env=env)
         t_launch = time.perf_counter() - t0
         if out.returncode != 0:
             raise RuntimeError(f"resume probe failed:\n{out.stderr[-3000:]}")
@@ -230,11 +218,7 @@ def main(args: argparse.Namespace) -> int:
             "zero_stage": 1,
             "cpu_count": os.cpu_count(),
         }
-        text = json.dumps(result, indent=1)
-        print(text)
-        if args.output:
-            Path(args.output).write_text(text + "\n")
-        return 0
+        return result
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,10 +1,11 @@
-"""`llmscale bench model`: forward+backward throughput of model presets on this machine, as JSON.
+"""Forward+backward throughput of model presets on this machine (``llmscale bench model``,
+:mod:`llmscale.jobs.bench_model`; :func:`run` returns the result dict).
 
 For each preset: tokens per second of a training step without the optimizer (forward with labels, loss,
 backward), the achieved TFLOP/s using the model's own ``flops_per_token(seq_len)`` (6 x matmul weights +
 full-matrix attention, see :mod:`llmscale.models.flops`) and, on a CUDA GPU, the model FLOPs utilisation
 (MFU) against the GPU's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`, matched on the device name; override
-with ``--peak-tflops``).
+with ``peak_tflops_override`` / ``--peak-tflops``).
 
 Defaults: on a GPU gpt2-124m (T=1024), gpt2-350m and llama-1b (T=2048) in bf16 autocast with the flash
 SDPA kernel; on a CPU the tiny presets and gpt2-124m at T=128 in fp32. The vocabulary is each preset's
@@ -13,13 +14,11 @@ its learned position table (gpt2-350m at 2048 has 2048 positions instead of 1024
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -216,34 +215,3 @@ def run(
         "dtype": dtype, "sdpa": sdpa if dev.type == "cuda" else "default",
         "results": results,
     }
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--output", default=None, help="Write the JSON here too (it is always printed).")
-    p.add_argument("--presets", nargs="+", default=None,
-                   help="Presets to run (default: GPU gpt2-124m gpt2-350m llama-1b; CPU the tiny presets + gpt2-124m).")
-    p.add_argument("--seq-len", type=int, default=None, help="Sequence length for every preset (default: per preset).")
-    p.add_argument("--batch", type=int, default=None, help="Micro-batch size for every preset (default: per preset).")
-    p.add_argument("--steps", type=int, default=None, help="Timed steps per preset, the median is reported (default: GPU 10, CPU 3).")
-    p.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default: GPU 3, CPU 1).")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU.")
-    p.add_argument("--sdpa", choices=["flash", "auto"], default="flash",
-                   help="GPU attention kernel: flash only, or let PyTorch choose.")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model first.")
-    p.add_argument("--activation-checkpointing", action="store_true", help="Recompute block activations in backward.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    p.add_argument("--peak-tflops", type=float, default=None, help="Peak TFLOP/s for MFU (default: table by GPU name).")
-
-
-def main(args) -> int:
-    res = run(presets=args.presets, seq_len=args.seq_len, batch=args.batch, steps=args.steps, warmup=args.warmup,
-              device=args.device, dtype=args.dtype, sdpa=args.sdpa, compile=args.compile,
-              activation_checkpointing=args.activation_checkpointing, peak_tflops_override=args.peak_tflops,
-              threads=args.threads)
-    text = json.dumps(res, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return 0

@@ -1,4 +1,5 @@
-"""``llmscale bench train [--output FILE]``: training-step throughput on DeepSpeed, as JSON.
+"""Training-step throughput on DeepSpeed (``llmscale bench train``, :mod:`llmscale.jobs.bench_train`;
+:func:`run` returns the report dict).
 
 * **CPU presets on 1 and 2 processes** (gloo ranks, one thread each): tokens/s and the step-time
   breakdown — data wait, forward, backward, optimizer, communication — of the real engine and loader on
@@ -13,8 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,16 +41,6 @@ GPU_MODELS = {
     "bert-base": ("bert-base", "bert", 128, 64),
 }
 TIMING_KEYS = ("data", "forward", "backward", "optimizer", "comm")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default=None, help="Write the JSON here as well as to stdout.")
-    p.add_argument("--steps", type=int, default=30, help="Measured optimizer steps per configuration.")
-    p.add_argument("--warmup", type=int, default=5, help="Unmeasured steps first.")
-    p.add_argument("--presets", default=",".join(CPU_PRESETS), help="CPU presets, comma-separated.")
-    p.add_argument("--nprocs", default="1,2", help="Process counts for the CPU runs, comma-separated.")
-    p.add_argument("--gpu-steps", type=int, default=20, help="Measured steps per GPU model.")
-    p.add_argument("--skip-gpu", action="store_true", help="Leave out the GPU part even when a GPU is present.")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -327,17 +316,17 @@ def run_gpu(*, steps: int, warmup: int = 3) -> list[dict]:
     return out
 
 
-def main(args: argparse.Namespace) -> int:
+def run(*, presets: list[str], nprocs: list[int], steps: int = 30, warmup: int = 5, gpu_steps: int = 20,
+        skip_gpu: bool = False) -> dict:
+    """The whole benchmark: CPU presets on each process count in ``nprocs``, then (unless ``skip_gpu``) the GPU models."""
     import torch
 
     t0 = time.time()
-    presets = [p for p in args.presets.split(",") if p]
-    nprocs = [int(n) for n in args.nprocs.split(",") if n]
     report: dict[str, Any] = {
         "benchmark": "train",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "torch": torch.__version__, "threads_per_rank": 1},
-        "steps": args.steps, "warmup": args.warmup,
+        "steps": steps, "warmup": warmup,
     }
     try:
         import deepspeed
@@ -345,7 +334,7 @@ def main(args: argparse.Namespace) -> int:
         report["machine"]["deepspeed"] = deepspeed.__version__
     except ImportError:
         pass
-    gpu = torch.cuda.is_available() and not args.skip_gpu
+    gpu = torch.cuda.is_available() and not skip_gpu
     # the CPU part runs on the CPU even on a GPU machine
     saved = os.environ.get("DS_ACCELERATOR")
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -354,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="llmscale-bench-") as tmp:
             data = _prepare_data(Path(tmp))
-            report["cpu"] = run_cpu(presets=presets, nprocs=nprocs, steps=args.steps, warmup=args.warmup, data=data)
+            report["cpu"] = run_cpu(presets=presets, nprocs=nprocs, steps=steps, warmup=warmup, data=data)
     finally:
         for k, v in (("DS_ACCELERATOR", saved), ("CUDA_VISIBLE_DEVICES", hidden)):
             if v is None:
@@ -363,13 +352,8 @@ def main(args: argparse.Namespace) -> int:
                 os.environ[k] = v
     if gpu:
         os.environ.pop("DS_ACCELERATOR", None)
-        report["gpu"] = run_gpu(steps=args.gpu_steps)
+        report["gpu"] = run_gpu(steps=gpu_steps)
     else:
-        report["gpu"] = {"skipped": "no CUDA GPU on this machine" if not args.skip_gpu else "--skip-gpu"}
+        report["gpu"] = {"skipped": "no CUDA GPU on this machine" if not skip_gpu else "--skip-gpu"}
     report["wall_s"] = round(time.time() - t0, 1)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return 0
+    return report

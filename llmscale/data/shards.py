@@ -18,6 +18,7 @@ numpy views of the file's pages.
 from __future__ import annotations
 
 from llmscale.errors import DatasetError
+from llmscale.files import atomic_write_text, fsync_dir, sha256_file, verify_listed_files
 
 import hashlib
 import json
@@ -44,42 +45,6 @@ def token_dtype_for(vocab_size: int) -> np.dtype:
 
 def _arrow_type(dtype: np.dtype) -> pa.DataType:
     return {np.dtype(np.uint16): pa.uint16(), np.dtype(np.uint32): pa.uint32()}[np.dtype(dtype)]
-
-
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file + fsync + rename, so readers see the old file or the whole new one."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    fsync_dir(p.parent)
 
 
 @dataclass
@@ -294,19 +259,9 @@ def read_manifest(root: str | Path) -> Manifest:
 
 
 def verify_dataset(root: str | Path, *, checksums: bool = True) -> list[str]:
-    """Problems found (empty list = sound): missing shards, wrong sizes, checksum mismatches."""
+    """Problems found (empty list = sound): listed paths outside the folder, missing shards, wrong sizes,
+    checksum mismatches, and unlisted files in the split folders (see :func:`llmscale.files.verify_listed_files`)."""
     m = read_manifest(root)
-    problems = []
-    for split in m.data["splits"]:
-        for s in m.shards(split):
-            p = m.root / s.path
-            if not p.is_file():
-                problems.append(f"missing shard {s.path}")
-                continue
-            size = p.stat().st_size
-            if size != s.bytes:
-                problems.append(f"{s.path}: {size} bytes, manifest says {s.bytes}")
-                continue
-            if checksums and sha256_file(p) != s.sha256:
-                problems.append(f"{s.path}: sha256 mismatch (file changed or corrupted)")
-    return problems
+    files = {s.path: {"size": s.bytes, "sha256": s.sha256} for split in m.data["splits"] for s in m.shards(split)}
+    return verify_listed_files(m.root, files, checksums=checksums, scan=[sp for sp in SPLITS if sp in m.data["splits"]],
+                               manifest_name=MANIFEST)

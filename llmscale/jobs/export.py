@@ -1,6 +1,7 @@
 """``llmscale export SOURCE OUT``: write a model as a Hugging Face transformers folder (and llmscale model folder).
 
-    llmscale export runs/gpt/ exported/                 # a finished run (RUN_DIR/final/model.pt + tokenizer)
+    llmscale export runs/gpt/ exported/                 # a run (final/model.pt, else its newest checkpoint)
+    llmscale export runs/gpt/checkpoints/step-000200 e/ # one checkpoint of any layout
     llmscale export exported/ copy/ --dtype bf16        # any model folder again, e.g. in bf16
 
 OUT then loads offline with ``AutoModelForCausalLM`` (GPT-2 style -> GPT2LMHeadModel, RoPE/RMSNorm/SwiGLU ->
@@ -21,7 +22,7 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="Model folder (llmscale export/import output) or finished run directory.")
+    p.add_argument("source", help="Run directory, checkpoint (any layout), or model folder (llmscale export/import output).")
     p.add_argument("output", help="Folder to write (must not exist or be empty unless --overwrite).")
     p.add_argument("--tokenizer", default=None,
                    help="llmscale tokenizer folder to include (default: the one SOURCE carries).")
@@ -32,13 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from llmscale.jobs.generate import load_model_source
+    from llmscale.artifacts import load_model
     from llmscale.models.hf import export_model, hf_architecture
 
-    from llmscale.ckpt_export import is_checkpoint, load_checkpoint_model
-
     # a training checkpoint of any layout (or a run directory without final weights) is consolidated first
-    model, cfg, tok_dir = load_checkpoint_model(args.source) if is_checkpoint(args.source) else load_model_source(args.source)
+    loaded = load_model(args.source)
+    model, cfg, tok_dir = loaded.model, loaded.config, loaded.tokenizer_dir
     arch = hf_architecture(cfg)  # refuse before anything is written
     tokenizer = args.tokenizer or tok_dir
     if tokenizer is None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from llmscale.log import get_logger
-from llmscale.metrics import METRICS_FILE, read_metrics
+from llmscale.artifacts import METRICS_FILE
+from llmscale.metrics import read_metrics
 
 log = get_logger(__name__)
 

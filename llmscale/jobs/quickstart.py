@@ -55,6 +55,7 @@ def _prepare(data_dir: Path, vocab_size: int, seq_len: int) -> None:
 def main(args: argparse.Namespace) -> int:
     from llmscale import configs_builtin
     from llmscale.config import RunConfig, load_config
+    from llmscale.artifacts import METRICS_FILE
     from llmscale.metrics import read_metrics
 
     t0 = time.time()
@@ -83,15 +84,16 @@ def main(args: argparse.Namespace) -> int:
                               f"`llmscale quickstart --run-dir {root}` after fixing the cause.")
     vals = [r for r in read_metrics(run_dir) if r.get("kind") == "val"]
     if not vals:
-        raise QuickstartError(f"the run wrote no validation record to {run_dir / 'metrics.jsonl'}.")
+        raise QuickstartError(f"the run wrote no validation record to {run_dir / METRICS_FILE}.")
     v = vals[-1]
     print(f"[3/3] validation after {v['step']} steps: loss {v['val_loss']:.3f} nats/token, perplexity "
           f"{v['val_ppl']:.1f}, {v['val_bpb']:.3f} bits/byte", flush=True)
 
-    from llmscale.jobs.train import load_final_model
+    from llmscale.artifacts import load_model
     from llmscale.models.generate import generate
 
-    model, tok, _ = load_final_model(run_dir)
+    loaded = load_model(run_dir)
+    model, tok = loaded.model, loaded.require_tokenizer()
     # No stop at eos: the corpus was cut into paragraphs, each ending with eos; show it as a paragraph break.
     ids = generate(model, tok.encode(PROMPT), max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=1)
     pieces, cur = [], []

@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmscale.models import flops as _flops
-from llmscale.models.layers import LanguageModel, Block, ModelOutput, init_weights, lm_loss, make_norm, run_block
+from llmscale.models.layers import TP_PLAN, Block, LanguageModel, ModelOutput, init_weights, lm_loss, make_norm, run_block
 from llmscale.models.pipeline import LayerDef
 
 
@@ -157,7 +156,7 @@ class BERT(LanguageModel):
         return out
 
     def tp_plan(self) -> dict[str, str]:
-        return _flops.TP_PLAN
+        return TP_PLAN
 
     def pipeline_layers(self) -> list[LayerDef]:
         """tok_embed (tied) -> embed -> blocks.i -> [final_norm] -> mlm_transform -> [nsp_head] -> mlm_decoder

@@ -24,14 +24,6 @@ and activations are not counted (they are not matmuls).
 """
 from __future__ import annotations
 
-TP_PLAN: dict[str, str] = {
-    r"blocks\.\d+\.attn\.(q|k|v)_proj": "column",
-    r"blocks\.\d+\.attn\.o_proj": "row",
-    r"blocks\.\d+\.mlp\.(gate|up)_proj": "column",
-    r"blocks\.\d+\.mlp\.down_proj": "row",
-}
-
-
 def _norm(cfg) -> int:
     return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
 

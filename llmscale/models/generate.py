@@ -16,7 +16,7 @@ the no-cache path computes); a prompt longer than the window is cut to its last 
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -155,3 +155,25 @@ def _loop(model, ids, *, max_new_tokens, limit, use_cache, sample, eos_id, on_to
             else:
                 logits = model.forward_cached(nxt[:, None], cache)[:, -1]
     return torch.cat(out, dim=1)
+
+
+def generate_text(model, tokenizer: Any, prompt: str, *, max_new_tokens: int = 100,
+                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  greedy: bool = False, seed: Optional[int] = None) -> dict:
+    """``{"prompt_ids", "new_ids", "text", "completion"}`` for one prompt. ``tokenizer``: anything with
+    ``encode(text) -> ids``, ``decode(ids) -> text`` and ``eos_id`` (generation stops at eos; an empty
+    prompt starts after an eos, i.e. at a document start)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    prompt_ids = tokenizer.encode(prompt)
+    start = prompt_ids if prompt_ids else ([eos] if eos is not None else [])
+    if not start:
+        raise ValueError("the prompt is empty and the tokenizer has no eos token to start from: give --prompt TEXT.")
+    out = generate(model, start, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                   top_k=top_k, top_p=top_p, seed=seed, eos_id=eos)
+    limit = context_limit(model)
+    kept = len(start) if limit is None else min(len(start), limit)  # generate() keeps the prompt's last `limit`
+    new = out[0].tolist()[kept:]
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    completion = tokenizer.decode(new)
+    return {"prompt_ids": prompt_ids, "new_ids": new, "completion": completion, "text": prompt + completion}

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmscale.models import flops as _flops
 from llmscale.models.layers import (
+    TP_PLAN,
     LanguageModel,
     Block, KVCache, ModelOutput, init_weights, lm_loss, make_norm, new_kv_cache, run_block,
 )
@@ -98,7 +98,7 @@ class GPT(LanguageModel):
         return ModelOutput(logits=logits, loss=loss, num_targets=n)
 
     def tp_plan(self) -> dict[str, str]:
-        return _flops.TP_PLAN
+        return TP_PLAN
 
     def pipeline_layers(self) -> list[LayerDef]:
         """tok_embed (tied "embed") -> [pos_embed | embed_dropout] -> blocks.i -> final_norm -> lm_head."""

@@ -16,6 +16,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# How the transformer blocks split under tensor parallelism (module-name regex -> "column" | "row"), read by
+# llmscale.parallel.tensor through each model's tp_plan(): q/k/v and the MLP's up/gate projections split their
+# outputs, o_proj and down_proj their inputs (Megatron's pairing: one all-reduce per attention and per MLP).
+TP_PLAN: dict[str, str] = {
+    r"blocks\.\d+\.attn\.(q|k|v)_proj": "column",
+    r"blocks\.\d+\.attn\.o_proj": "row",
+    r"blocks\.\d+\.mlp\.(gate|up)_proj": "column",
+    r"blocks\.\d+\.mlp\.down_proj": "row",
+}
+
 
 @dataclass
 class ModelOutput:

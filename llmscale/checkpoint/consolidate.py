@@ -1,4 +1,4 @@
-"""Consolidate a training checkpoint of any layout into single-device weights, for ``llmscale export``.
+"""Layout-free weights from a training checkpoint of any layout, without starting DeepSpeed.
 
 * data parallel only (ZeRO 0-2): the full weights are DeepSpeed's ``model/mp_rank_00_model_states.pt``
   ("module"), read with ``torch.load(weights_only=True)``;
@@ -6,39 +6,23 @@
   fp32 parameters, one folder per parameter) and the DeepSpeed names are mapped back to the single-device
   model's names with the map the engine stored in the checkpoint (``llmscale_param_names``).
 
-Every file is checked against the manifest before anything is read.
+Every file is checked against the manifest before anything is read. What does not live here: choosing
+which kind of source a path is (:func:`llmscale.artifacts.load_model`), writing transformers folders
+(:mod:`llmscale.models.hf`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from llmscale.checkpoint import (ENGINE_DIR, FORMAT_NAME, MANIFEST, UNIVERSAL_DIR, CheckpointError, convert_to_universal,
-                                 list_checkpoints, read_manifest, verify_checkpoint)
+from llmscale.checkpoint.store import CONFIG_FILE, ENGINE_DIR, read_manifest, verify_checkpoint
+from llmscale.checkpoint.universal import convert_to_universal
+from llmscale.errors import CheckpointError
 from llmscale.log import get_logger
 
 log = get_logger(__name__)
-
-
-def resolve_checkpoint(path: str | Path) -> Optional[Path]:
-    """A checkpoint folder for PATH (itself, or the newest complete one of a run/checkpoints folder), else None."""
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        try:
-            if read_manifest(p).get("format") == FORMAT_NAME:
-                return p
-        except CheckpointError:
-            return None
-    if (p / "checkpoints").is_dir() and not (p / "final").is_dir() or p.name == "checkpoints":
-        done = [i for i in list_checkpoints(p) if i.complete]
-        return done[-1].path if done else None
-    return None
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return resolve_checkpoint(path) is not None
 
 
 def _load_tensors(path: Path) -> Any:
@@ -46,6 +30,8 @@ def _load_tensors(path: Path) -> Any:
 
 
 def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:
+    """``{single-device parameter name: fp32 tensor}`` of verified checkpoint ``ckpt`` (manifest ``m``);
+    tied weights appear once."""
     lay = m["layout"]
     if lay["tp"] == 1 and lay["pp"] == 1 and lay["zero_stage"] < 3:
         sd = _load_tensors(ckpt / ENGINE_DIR / "mp_rank_00_model_states.pt")
@@ -65,36 +51,35 @@ def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[Any, Any, Optional[Path]]:
-    """``(model, model_cfg, tokenizer_dir)`` from a checkpoint (or a run directory's newest checkpoint)."""
+def load_checkpoint_model(ckpt: str | Path) -> tuple[Any, Any]:
+    """``(model in eval mode, RunConfig)`` rebuilt from checkpoint folder ``ckpt`` (its config.yaml) with the
+    consolidated weights. Refuses a damaged checkpoint and weights that do not fit the config's model."""
     from llmscale.config import RunConfig, from_dict, read_yaml
     from llmscale.models import build_model
 
-    ckpt = resolve_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path} is not an llmscale checkpoint (`llmscale ckpt list` shows a run's checkpoints).")
+    ckpt = Path(ckpt)
     problems = verify_checkpoint(ckpt)
     if problems:
-        raise CheckpointError(f"{ckpt} is damaged, refusing to export it: " + "; ".join(problems[:5]))
+        raise CheckpointError(f"{ckpt} is damaged, refusing to load it: " + "; ".join(problems[:5]))
     m = read_manifest(ckpt)
-    if not (ckpt / "config.yaml").is_file():
-        raise CheckpointError(f"{ckpt} has no config.yaml (it was not written by `llmscale train`): cannot rebuild the model.")
-    cfg = from_dict(RunConfig, read_yaml(ckpt / "config.yaml"))
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{ckpt} has no {CONFIG_FILE} (it was not written by `llmscale train`): cannot rebuild "
+                              f"the model.")
+    cfg = from_dict(RunConfig, read_yaml(ckpt / CONFIG_FILE))
     model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
     sd = consolidated_state_dict(ckpt, m)
     # tied weights are stored once; their aliases are the same Parameter in the model
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    shared = {}
+    shared: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(name)
     aliases = {n for names in shared.values() if len(names) > 1 for n in names if any(o in sd for o in names)}
     buffers = {n for n, _ in model.named_buffers()}
     real_missing = [k for k in missing if k not in aliases and k not in buffers]
     if real_missing or unexpected:
-        raise CheckpointError(f"{ckpt}: the consolidated weights do not match the model of its config.yaml "
+        raise CheckpointError(f"{ckpt}: the consolidated weights do not match the model of its {CONFIG_FILE} "
                               f"(missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}).")
-    run_dir = ckpt.parent.parent
-    tok = run_dir / "tokenizer"
-    log.info("consolidated %s (layout dp=%d tp=%d pp=%d zero=%d, step %d)", ckpt, m["layout"]["dp"], m["layout"]["tp"],
-             m["layout"]["pp"], m["layout"]["zero_stage"], m["step"])
-    return model.eval(), cfg.model, (tok if (tok / "tokenizer_meta.json").is_file() else None)
+    lay = m["layout"]
+    log.info("consolidated %s (layout dp=%d tp=%d pp=%d zero=%d, step %d)", ckpt, lay["dp"], lay["tp"], lay["pp"],
+             lay["zero_stage"], m["step"])
+    return model.eval(), cfg

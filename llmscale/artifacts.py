@@ -1,0 +1,217 @@
+"""What a run leaves on disk, by name, and one way to load a model from any of it.
+
+The run directory (``run_dir`` of the config) holds::
+
+    RUN_DIR/config.yaml              the resolved run config            (CONFIG_FILE)
+    RUN_DIR/tokenizer/               the dataset's tokenizer, copied    (RUN_TOKENIZER; TOKENIZER_META inside)
+    RUN_DIR/metrics.jsonl            one JSON record per log line        (METRICS_FILE)
+    RUN_DIR/tb/                      TensorBoard events                  (TB_DIR)
+    RUN_DIR/checkpoints/             sharded checkpoints                 (CHECKPOINTS; see llmscale.checkpoint)
+    RUN_DIR/final/model.pt           consolidated weights at the end     (FINAL_DIR / FINAL_WEIGHTS)
+
+:func:`load_model` accepts every kind of model source a job is pointed at and returns a
+:class:`LoadedModel` (model in eval mode, tokenizer, configs):
+
+* a finished run directory (``final/model.pt``);
+* a run directory without final weights, its ``checkpoints/`` folder, or one checkpoint folder, of any
+  parallel layout (consolidated without DeepSpeed: :mod:`llmscale.checkpoint.consolidate`);
+* an llmscale model folder (``llmscale export`` / ``llmscale import`` output);
+* a plain transformers GPT-2 / Llama / BERT folder (its own tokenizer through :class:`HFTokenizer`).
+
+What does not live here: writing checkpoints (:mod:`llmscale.checkpoint`), converting to and from
+transformers (:mod:`llmscale.models.hf`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
+
+from llmscale.checkpoint.store import CHECKPOINTS, resolve_checkpoint
+from llmscale.errors import ExportError
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+CONFIG_FILE = "config.yaml"
+RUN_TOKENIZER = "tokenizer"
+TOKENIZER_META = "tokenizer_meta.json"
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+FINAL_DIR = "final"
+FINAL_WEIGHTS = "model.pt"
+
+__all__ = ["CHECKPOINTS", "CONFIG_FILE", "FINAL_DIR", "FINAL_WEIGHTS", "METRICS_FILE", "RUN_TOKENIZER", "TB_DIR",
+           "TOKENIZER_META", "HFTokenizer", "LoadedModel", "TextTokenizer", "final_weights_path", "is_finished_run",
+           "load_model", "read_tokenizer_meta", "record_tokenizer", "write_final_weights"]
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def final_weights_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FINAL_DIR / FINAL_WEIGHTS
+
+
+def is_finished_run(p: str | Path) -> bool:
+    p = Path(p)
+    return (p / CONFIG_FILE).is_file() and final_weights_path(p).is_file()
+
+
+def read_tokenizer_meta(tok_dir: str | Path) -> dict:
+    """``tokenizer_meta.json`` of a tokenizer folder (hash, vocab size, ...), {} when absent or unreadable."""
+    meta = Path(tok_dir) / TOKENIZER_META
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def record_tokenizer(run_dir: str | Path, tokenizer_dir: str | Path) -> Path:
+    """Copy a dataset's tokenizer into RUN_DIR/tokenizer (atomically, once), for resume checks and sampling."""
+    run_dir = Path(run_dir)
+    dst = run_dir / RUN_TOKENIZER
+    if read_tokenizer_meta(dst):
+        return dst
+    tmp = run_dir / f".{RUN_TOKENIZER}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(tokenizer_dir, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def write_final_weights(run_dir: str | Path, state: dict) -> Path:
+    """RUN_DIR/final/model.pt (a plain tensor state dict), written to a temporary name and renamed."""
+    import torch
+
+    out = final_weights_path(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{FINAL_WEIGHTS}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+class TextTokenizer(Protocol):
+    """What the jobs need from a tokenizer (llmscale's Tokenizer has it; HFTokenizer wraps transformers')."""
+
+    eos_id: Optional[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class HFTokenizer:
+    """A transformers tokenizer seen through llmscale's encode/decode (for imported folders whose tokenizer
+    is not an llmscale SentencePiece model, e.g. GPT-2's byte-level BPE). No special tokens are added."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(folder))
+        self.eos_id = self.hf.eos_token_id
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+
+# --------------------------------------------------------------------------- loading a model
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded by :func:`load_model`.
+
+    ``config``: the resolved ModelConfig; ``run_config``: the RunConfig when the source is a run or a
+    checkpoint (None for model folders); ``tokenizer_dir``: the llmscale tokenizer folder, if the source
+    carries one; ``tokenizer``: an llmscale Tokenizer, an :class:`HFTokenizer`, or None; ``kind``: one of
+    "run", "checkpoint", "model_folder"; ``path``: the file or folder the weights came from."""
+
+    model: Any
+    config: Any
+    tokenizer: Optional[TextTokenizer]
+    tokenizer_dir: Optional[Path]
+    kind: str
+    path: Path
+    run_config: Any = None
+
+    def require_tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise ExportError(f"{self.path} has no tokenizer (neither tokenizer/ nor tokenizer.json): re-export it "
+                              f"with `llmscale export SOURCE OUT --tokenizer TOKENIZER_DIR`.")
+        return self.tokenizer
+
+
+def _tokenizer_of(tok_dir: Optional[Path], folder: Optional[Path]) -> Optional[TextTokenizer]:
+    from llmscale.data.tokenizer import Tokenizer
+
+    if tok_dir is not None:
+        return Tokenizer.load(tok_dir)
+    if folder is not None and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return HFTokenizer(folder)
+    return None
+
+
+def _run_tokenizer_dir(run_dir: Path) -> Optional[Path]:
+    tok = run_dir / RUN_TOKENIZER
+    return tok if read_tokenizer_meta(tok) else None
+
+
+def _load_final(run_dir: Path, device: str) -> LoadedModel:
+    import torch
+
+    from llmscale.config import RunConfig, from_dict, read_yaml
+    from llmscale.models import build_model
+
+    cfg = from_dict(RunConfig, read_yaml(run_dir / CONFIG_FILE))
+    model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
+    model.load_state_dict(torch.load(final_weights_path(run_dir), map_location="cpu", weights_only=True))
+    model.to(device).eval()
+    tok_dir = _run_tokenizer_dir(run_dir)
+    return LoadedModel(model=model, config=model.config, tokenizer=_tokenizer_of(tok_dir, None),
+                       tokenizer_dir=tok_dir, kind="run", path=final_weights_path(run_dir), run_config=cfg)
+
+
+def load_model(source: str | Path, *, device: str = "cpu") -> LoadedModel:
+    """The model (eval mode, on ``device``), its tokenizer and configs from SOURCE, any kind listed in the
+    module doc. A run directory with final weights loads those; without, its newest complete checkpoint."""
+    from llmscale.models.hf import LLMSCALE_CONFIG, llmscale_tokenizer_dir, load_model_folder
+
+    p = Path(source)
+    if not p.exists():
+        raise ExportError(f"{source} does not exist: give a model folder (`llmscale export` / `llmscale import` "
+                          f"output), a run directory or a checkpoint.")
+    if p.is_dir() and ((p / LLMSCALE_CONFIG).is_file() or (p / "config.json").is_file()):
+        model, cfg = load_model_folder(p, device=device)
+        tok_dir = llmscale_tokenizer_dir(p)
+        return LoadedModel(model=model, config=cfg, tokenizer=_tokenizer_of(tok_dir, p), tokenizer_dir=tok_dir,
+                           kind="model_folder", path=p)
+    if p.is_dir() and is_finished_run(p):
+        return _load_final(p, device)
+    ckpt = resolve_checkpoint(p) if p.is_dir() else None
+    if ckpt is not None:
+        from llmscale.checkpoint.consolidate import load_checkpoint_model
+
+        model, run_cfg = load_checkpoint_model(ckpt)
+        model.to(device)
+        # RUN_DIR/checkpoints/step-N -> RUN_DIR
+        run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
+        tok_dir = _run_tokenizer_dir(run_dir)
+        return LoadedModel(model=model, config=model.config, tokenizer=_tokenizer_of(tok_dir, None),
+                           tokenizer_dir=tok_dir, kind="checkpoint", path=ckpt, run_config=run_cfg)
+    raise ExportError(
+        f"{source} is neither a model folder (no {LLMSCALE_CONFIG} / config.json), nor a finished run directory "
+        f"({CONFIG_FILE} + {FINAL_DIR}/{FINAL_WEIGHTS}), nor a checkpoint (`llmscale ckpt list {source}` shows a "
+        f"run's checkpoints). Export a run with `llmscale export RUN_DIR OUT`, or point at one.")

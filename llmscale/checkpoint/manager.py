@@ -1,0 +1,400 @@
+"""When and how a run saves and resumes: :class:`CheckpointManager`, collective on every rank.
+
+Saving writes everything under ``.tmp-step-000200``; after every rank is done (barrier) the ranks hash
+the files (split between them), rank 0 gathers the lists, writes the manifest, renames the folder to
+``step-000200`` and switches ``latest``. DeepSpeed's own ``latest`` file is never used (explicit tags).
+
+Storage: the checkpoint folder must be one that every rank sees (a shared filesystem, as DeepSpeed's own
+resharding needs too): ranks split the hashing of all files and rank 0 renames the folder.
+
+Safety: DeepSpeed loads its files with ``torch.load(weights_only=False)`` (deepspeed 0.19.8), i.e. pickle.
+So nothing is handed to DeepSpeed before every file of the checkpoint matched the manifest's checksums
+and no unlisted file sits beside them. llmscale's own state is JSON + safetensors (no pickle). (This stops
+damaged and planted files; someone able to rewrite the manifest too is not stopped: protect the run
+directory's permissions.)
+
+    manager = CheckpointManager(cfg, world=world)
+    manager.resume(engine, stateful)                 # newest complete checkpoint, or None for a fresh run
+    for step ...:
+        manager.maybe_save(step, engine, stateful)   # every N steps / T minutes (cfg.checkpoint)
+
+``engine`` is an :class:`llmscale.engine.Engine` (its ``layout``, ``param_names``, ``save`` and
+``load(universal=)``); ``stateful`` maps names to objects with ``state_dict()`` / ``load_state_dict()``.
+
+Test hook: ``LLMSCALE_TEST_CRASH_AT=PHASE:STEP[:RANK]`` makes the process ``os._exit(137)`` inside the
+save of STEP at PHASE (state, engine, hashed, manifest, rename, latest, retention), to test that a
+crash at any point leaves a resumable run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from llmscale import dist as ldist
+from llmscale.checkpoint import codec
+from llmscale.checkpoint.store import (CHECKPOINTS, CONFIG_FILE, ENGINE_DIR, FORMAT_NAME, FORMAT_VERSION, LATEST,
+                                           MANIFEST, STATE_DIR, TMP_PREFIX, TRASH_PREFIX, UNIVERSAL_DIR,
+                                           CheckpointInfo, children, clean_stale, latest_complete, list_checkpoints,
+                                           parse_step, read_latest, read_manifest, remove_folder, retention_victims,
+                                           set_aside_corrupt, step_name, verify_checkpoint)
+from llmscale.checkpoint.universal import convert_to_universal, needs_universal, universal_view
+from llmscale.errors import CheckpointError
+from llmscale.files import atomic_write_text, fsync_dir, hash_files, relative_files
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+_CRASH_ENV = "LLMSCALE_TEST_CRASH_AT"
+
+
+def layout_dict(layout: Any) -> dict[str, int]:
+    """An engine's :class:`llmscale.parallel.Layout` as the manifest records it."""
+    return {"dp": int(layout.dp), "tp": int(layout.tp), "pp": int(layout.pp), "zero_stage": int(layout.zero_stage),
+            "world_size": int(layout.dp * layout.tp * layout.pp)}
+
+
+def _ds_version() -> Optional[str]:
+    try:
+        import deepspeed
+
+        return deepspeed.__version__
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+class CheckpointManager:
+    """Saves, finds and loads the checkpoints of one run directory. All ranks create one and call its
+    methods together (they are collectives).
+
+    ``cfg``: the RunConfig (run_dir, checkpoint section, the config recorded in each checkpoint); or give
+    ``run_dir=`` and ``checkpoint=`` (a CheckpointConfig) directly. ``world``: this process's
+    :class:`llmscale.dist.World` (rank and world size of the job).
+    """
+
+    def __init__(self, cfg: Any = None, *, world: Any, run_dir: str | Path | None = None,
+                 checkpoint: Any = None, tokenizer_hash: Optional[str] = None) -> None:
+        from llmscale.config import CheckpointConfig
+
+        self.cfg = cfg
+        self.world = world
+        self.rank, self.world_size = int(world.rank), int(world.world_size)
+        self.run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+        self.ckpt_cfg = checkpoint if checkpoint is not None else (cfg.checkpoint if cfg is not None else CheckpointConfig())
+        self.dir = self.run_dir / CHECKPOINTS
+        self.tokenizer_hash = tokenizer_hash if tokenizer_hash is not None else self._run_tokenizer_hash()
+        self._last_save_time = time.monotonic()
+        self.last_saved_step: Optional[int] = None
+        self.loaded: Optional[Path] = None
+
+    def _run_tokenizer_hash(self) -> Optional[str]:
+        from llmscale.artifacts import RUN_TOKENIZER, TOKENIZER_META
+
+        try:
+            return json.loads((self.run_dir / RUN_TOKENIZER / TOKENIZER_META).read_text(encoding="utf-8")).get("hash")
+        except (OSError, ValueError):
+            return None
+
+    def _crash_point(self, phase: str, step: int) -> None:
+        """Test hook: die like a SIGKILL at a named point of a save (see module doc)."""
+        spec = os.environ.get(_CRASH_ENV)
+        if not spec:
+            return
+        parts = spec.split(":")
+        if parts[0] != phase or int(parts[1]) != step:
+            return
+        if len(parts) > 2 and int(parts[2]) != self.rank:
+            return
+        log.error("%s=%s: crashing now (test hook)", _CRASH_ENV, spec)
+        os._exit(137)
+
+    # ---------------------------------------------------------------- save
+    def should_save(self, step: int, *, force: bool = False) -> bool:
+        c = self.ckpt_cfg
+        due = force or bool(c.every_steps and step % c.every_steps == 0)
+        if c.every_minutes:
+            # wall clocks differ between ranks: rank 0 decides for all
+            late = (time.monotonic() - self._last_save_time) >= 60.0 * c.every_minutes
+            due = ldist.any_rank(due or (late and self.rank == 0))
+        return due
+
+    def maybe_save(self, step: int, engine: Any, stateful: dict[str, Any], force: bool = False) -> Optional[Path]:
+        """Save if ``step`` is due (every_steps / every_minutes) or ``force``; returns the checkpoint or None."""
+        if not self.should_save(step, force=force):
+            return None
+        if self.last_saved_step == step and (self.dir / step_name(step)).is_dir():
+            return self.dir / step_name(step)
+        return self.save(step, engine, stateful)
+
+    def save(self, step: int, engine: Any, stateful: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically (collective). Returns RUN_DIR/checkpoints/step-NNNNNN."""
+        from llmscale.rng import save_rng_state
+
+        t0 = time.perf_counter()
+        rank, world = self.rank, self.world_size
+        name = step_name(step)
+        tmp = self.dir / (TMP_PREFIX + name)
+        final = self.dir / name
+        err: Optional[BaseException] = None
+        if rank == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / STATE_DIR).mkdir(parents=True)
+            except OSError as e:  # reported through the agreement below, so no rank waits forever
+                err = e
+        if ldist.any_rank(err is not None):
+            err = err or CheckpointError(f"rank 0 could not create {tmp}")
+        states: dict[str, Any] = {}
+        try:
+            if err is not None:
+                raise err
+            # 1. llmscale state of this rank: stateful objects + RNG (JSON + safetensors, fsynced)
+            states = {k: v.state_dict() for k, v in stateful.items()}
+            codec.save_state_files(tmp / STATE_DIR / f"rank-{rank:05d}", states)
+            save_rng_state(tmp / STATE_DIR / f"rng-rank-{rank:05d}")
+            self._crash_point("state", step)
+            # 2. DeepSpeed's shards (every rank writes its own)
+            engine.save(tmp / ENGINE_DIR, {"llmscale_step": step})
+            if rank == 0 and self.cfg is not None and dataclasses.is_dataclass(self.cfg):
+                from llmscale.config import save_resolved
+
+                save_resolved(self.cfg, tmp / CONFIG_FILE)
+            self._crash_point("engine", step)
+        except BaseException as e:  # noqa: BLE001 - every rank must reach the agreement below
+            err = e
+        failed = ldist.all_gather_object(None if err is None else f"rank {rank}: {type(err).__name__}: {err}")
+        bad = [f for f in failed if f]
+        if bad:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = latest_complete(self.dir)
+            raise CheckpointError(
+                f"saving checkpoint {name} failed ({'; '.join(bad)}). The previous checkpoint is untouched"
+                f"{' (' + str(prev.path) + ')' if prev else ''}. "
+                f"Free disk space in {self.dir} (or fix the error above) and re-run the same command to resume."
+            ) from err
+        ldist.barrier()  # every rank's files are on disk
+        # 3. hash + fsync, split over ranks; rank 0 writes the manifest last
+        rels = relative_files(tmp)
+        mine = hash_files(tmp, [r for i, r in enumerate(rels) if i % world == rank], fsync=True)
+        self._crash_point("hashed", step)
+        parts = ldist.all_gather_object(mine)
+        files: dict[str, dict] = {}
+        if rank == 0:
+            for p in parts:
+                files.update(p)
+            manifest = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "name": name,
+                "step": step,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "layout": layout_dict(engine.layout),
+                "world_size": world,
+                "engine_dir": ENGINE_DIR,
+                "universal": None,
+                "tokenizer_hash": self.tokenizer_hash,
+                "stateful": sorted(stateful),
+                # DeepSpeed parameter name -> single-device name (pipeline stages rename parameters)
+                "param_names": engine.param_names,
+                "state_summary": codec.summary(states),  # for `ckpt list`; tensors stay in state/
+                "versions": {"torch": _torch_version(), "deepspeed": _ds_version()},
+                "total_bytes": sum(v["size"] for v in files.values()),
+                "files": files,
+            }
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            self._crash_point("manifest", step)
+            if final.exists():  # e.g. a damaged folder of the same step left from earlier: drop it
+                remove_folder(final, f"{TRASH_PREFIX}{name}-{os.getpid()}")
+            os.replace(tmp, final)
+            fsync_dir(self.dir)
+            self._crash_point("rename", step)
+            atomic_write_text(self.dir / LATEST, name + "\n")
+            self._crash_point("latest", step)
+            self._apply_retention(step)
+        ldist.barrier()
+        self._last_save_time = time.monotonic()
+        self.last_saved_step = step
+        if rank == 0:
+            total = sum(v["size"] for v in files.values())
+            dt = time.perf_counter() - t0
+            log.info("checkpoint %s saved: %.1f MB in %.2fs (%.2f GB/s)", name, total / 1e6, dt, total / 1e9 / max(dt, 1e-9))
+        return final
+
+    def _apply_retention(self, step: int) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints and every ``keep_every``-th; never the newest."""
+        c = self.ckpt_cfg
+        for info in retention_victims(self.dir, keep_last=c.keep_last, keep_every=c.keep_every):
+            trash = self.dir / f"{TRASH_PREFIX}{info.name}"
+            os.replace(info.path, trash)  # one atomic step: never a half-deleted folder with a step name
+            self._crash_point("retention", step)
+            shutil.rmtree(trash, ignore_errors=True)
+            log.info("retention: removed %s", info.name)
+
+    # ---------------------------------------------------------------- find
+    def latest_complete(self) -> Optional[CheckpointInfo]:
+        return latest_complete(self.dir)
+
+    def _verify_collective(self, ckpt: Path) -> list[str]:
+        """verify_checkpoint with the hashing split over all ranks; every rank gets the full list."""
+        mine = verify_checkpoint(ckpt, shard=(self.rank, self.world_size))
+        out: list[str] = []
+        for part in ldist.all_gather_object(mine):
+            out.extend(part)
+        return list(dict.fromkeys(out))  # a missing manifest is reported by every rank: keep one copy
+
+    def find_resumable(self) -> Optional[Path]:
+        """Newest checkpoint that verifies (collective). Damaged ones are reported loudly and set aside."""
+        infos = None
+        if self.rank == 0:
+            clean_stale(self.dir)
+            infos = list_checkpoints(self.dir)
+            latest = read_latest(self.dir)
+            if latest and latest not in {i.name for i in infos}:
+                log.warning("%s names %s, which does not exist: scanning for the newest complete checkpoint.",
+                            self.dir / LATEST, latest)
+        infos = ldist.broadcast_object(infos)
+        if not infos:
+            return None
+        failures = []
+        for info in reversed(infos):
+            problems = self._verify_collective(info.path)
+            if not problems:
+                if failures:
+                    log.warning("resuming from %s, an OLDER checkpoint, because newer ones are damaged (see above)", info.name)
+                return info.path
+            failures.append((info, problems))
+            log.error("CHECKPOINT %s IS DAMAGED and will not be loaded:\n  %s", info.path, "\n  ".join(problems[:10]))
+            if self.rank == 0:
+                set_aside_corrupt(info)
+            ldist.barrier()
+        raise CheckpointError(
+            f"{self.dir} has {len(infos)} checkpoint(s) and none is usable: "
+            + "; ".join(f"{i.name}: {p[0]}" for i, p in failures[:3])
+            + ". Refusing to start over silently. Restore a good copy, pass --resume-from PATH, or start afresh "
+              "with --no-resume (the old checkpoints are kept aside).")
+
+    # ---------------------------------------------------------------- load
+    def resume(self, engine: Any, stateful: dict[str, Any], *, resume_from: str | Path | None = None,
+               no_resume: bool = False) -> Optional[int]:
+        """Continue from the newest complete checkpoint of the run directory (or ``resume_from``). Returns the
+        step resumed at, or None for a fresh start. Collective."""
+        if no_resume:
+            if self.rank == 0 and any(parse_step(c.name) is not None for c in children(self.dir)):
+                aside = self.run_dir / f"{CHECKPOINTS}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(self.dir, aside)
+                log.warning("--no-resume: starting from scratch; the existing checkpoints were moved to %s", aside)
+            ldist.barrier()
+            return None
+        if resume_from is not None:
+            path = self._explicit(Path(resume_from))
+            problems = self._verify_collective(path)
+            if problems:
+                raise CheckpointError(f"--resume-from {path}: the checkpoint is damaged: " + "; ".join(problems[:5]))
+        else:
+            path = self.find_resumable()
+            if path is None:
+                log.info("no checkpoint in %s: starting from scratch", self.dir)
+                return None
+        return self.load(path, engine, stateful, verified=True)
+
+    def _explicit(self, p: Path) -> Path:
+        if (p / MANIFEST).is_file():
+            return p
+        info = latest_complete(p)
+        if info is None:
+            raise CheckpointError(f"--resume-from {p}: neither a checkpoint (no {MANIFEST}) nor a run/checkpoints folder "
+                                  f"holding one. `llmscale ckpt list {p}` shows what is there.")
+        return info.path
+
+    def load(self, ckpt: str | Path, engine: Any, stateful: dict[str, Any], *, verified: bool = False,
+             keep: Iterable[str] = ()) -> int:
+        """Load checkpoint ``ckpt`` into ``engine`` and ``stateful`` (except the names in ``keep``); reshards
+        through the universal format when the layout differs. Returns its step. Collective."""
+        from llmscale.rng import load_rng_state, restore_rng_state
+
+        ckpt = Path(ckpt)
+        if not verified:
+            problems = self._verify_collective(ckpt)
+            if problems:
+                raise CheckpointError(f"{ckpt} is damaged: " + "; ".join(problems[:5]))
+        m = read_manifest(ckpt)
+        saved, current = m["layout"], layout_dict(engine.layout)
+        t0 = time.perf_counter()
+        if needs_universal(saved, current):
+            client = self._load_universal(ckpt, m, engine, saved, current)
+        else:
+            client = engine.load(ckpt / ENGINE_DIR, universal=False)
+        step = int(m["step"])
+        if client.get("llmscale_step", step) != step:
+            raise CheckpointError(f"{ckpt}: DeepSpeed's state is from step {client.get('llmscale_step')}, the manifest "
+                                  f"says {step}: the folder mixes two checkpoints.")
+        # llmscale state: the same rank's files on the same layout; rank 0's otherwise (rank-independent state)
+        rank = self.rank
+        same = saved == current and m.get("world_size") == self.world_size
+        states = codec.load_state_files(ckpt / STATE_DIR / f"rank-{rank if same else 0:05d}")
+        keep = set(keep)
+        for k, obj in stateful.items():
+            if k in keep:
+                continue
+            if k not in states:
+                raise CheckpointError(f"{ckpt} holds no state for {k!r} (it has {sorted(states)}): written by a "
+                                      f"different trainer version? Resume with --no-resume to start afresh.")
+            obj.load_state_dict(states[k])
+        rng_src = rank if (ckpt / STATE_DIR / f"rng-rank-{rank:05d}.json").is_file() else 0
+        restore_rng_state(*load_rng_state(ckpt / STATE_DIR / f"rng-rank-{rng_src:05d}"))
+        ldist.barrier()
+        self.loaded = ckpt
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        log.info("loaded checkpoint %s (step %d) in %.2fs", ckpt, step, time.perf_counter() - t0)
+        return step
+
+    def _load_universal(self, ckpt: Path, m: dict, engine: Any, saved: dict, current: dict) -> dict:
+        log.warning("layout changed (saved dp=%d tp=%d pp=%d zero=%d, now dp=%d tp=%d pp=%d zero=%d): loading %s "
+                    "through DeepSpeed's universal checkpoint", saved["dp"], saved["tp"], saved["pp"],
+                    saved["zero_stage"], current["dp"], current["tp"], current["pp"], current["zero_stage"], ckpt.name)
+        err = None
+        if self.rank == 0:
+            try:
+                convert_to_universal(ckpt)
+            except CheckpointError as e:
+                err = str(e)
+        err = ldist.broadcast_object(err)
+        if err:
+            raise CheckpointError(err)
+        view = universal_view(ckpt, saved_names=m.get("param_names") or {}, target_names=engine.param_names,
+                              rank=self.rank)
+        try:
+            return engine.load(view, universal=True)
+        finally:
+            ldist.barrier()
+            if self.rank == 0 and view.name != UNIVERSAL_DIR:
+                shutil.rmtree(view, ignore_errors=True)
+
+    def rollback(self, engine: Any, stateful: dict[str, Any], *, keep: Iterable[str] = ("loader",)) -> int:
+        """After repeated non-finite steps: reload the newest complete checkpoint into ``engine`` and
+        ``stateful`` except ``keep`` (default the loader, which has already moved past the offending batches,
+        so they are skipped). Returns the step rolled back to. Collective."""
+        path = self.find_resumable()
+        if path is None:
+            raise CheckpointError(
+                f"rollback requested after {getattr(self.cfg, 'train', None) and self.cfg.train.max_bad_steps} bad "
+                f"steps in a row, but {self.dir} holds no checkpoint. Set checkpoint.every_steps (or "
+                f"train.max_bad_steps=0 to never roll back).")
+        step = self.load(path, engine, stateful, verified=True, keep=keep)
+        log.warning("rolled back to %s (step %d); the loader keeps its position, so the bad batches are skipped",
+                    path.name, step)
+        return step
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -1,0 +1,202 @@
+"""The on-disk layout of a run's checkpoints: names, manifest, verification, discovery, retention.
+
+A run directory holds::
+
+    RUN_DIR/checkpoints/latest                    "step-000200" (switched with write-temp + os.replace)
+    RUN_DIR/checkpoints/step-000200/manifest.json written LAST: every file's size and sha256, layout, step
+    RUN_DIR/checkpoints/step-000200/model/...     DeepSpeed's per-rank model + optimizer shards (tag dir)
+    RUN_DIR/checkpoints/step-000200/state/rank-00000.json|.safetensors   stateful objects of each rank
+    RUN_DIR/checkpoints/step-000200/state/rng-rank-00000.json|.safetensors RNG of each rank (llmscale.rng)
+    RUN_DIR/checkpoints/step-000200/config.yaml   the resolved run config
+    RUN_DIR/checkpoints/step-000200/universal/... (only after a layout change or `llmscale ckpt convert`)
+
+A folder without a manifest, or whose files do not match it, is never loaded. Everything here is plain
+file work on one process; what runs on every rank (saving, resuming) is :mod:`.manager`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from llmscale.errors import CheckpointError
+from llmscale.files import verify_listed_files
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+FORMAT_NAME = "llmscale-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+ENGINE_DIR = "model"
+UNIVERSAL_DIR = "universal"
+STATE_DIR = "state"
+CONFIG_FILE = "config.yaml"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+CORRUPT_SUFFIX = ".corrupt"
+_STEP_RE = re.compile(r"^step-(\d{6,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def parse_step(name: str) -> Optional[int]:
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    complete: bool  # has a readable manifest
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def children(p: Path) -> list[Path]:
+    try:
+        return list(p.iterdir())
+    except OSError:
+        return []
+
+
+def checkpoints_dir(run_or_ckpt_dir: str | Path) -> Path:
+    """RUN_DIR -> RUN_DIR/checkpoints; a checkpoints folder is returned as is."""
+    p = Path(run_or_ckpt_dir)
+    if p.name == CHECKPOINTS or (p / LATEST).is_file() or any(parse_step(c.name) is not None for c in children(p)):
+        return p
+    return p / CHECKPOINTS
+
+
+def read_manifest(ckpt: str | Path) -> dict:
+    p = Path(ckpt) / MANIFEST
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} has no {MANIFEST}: it is not a complete checkpoint (a save was interrupted "
+                              f"or the file was removed).") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is unreadable ({e}): the checkpoint is damaged.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or not isinstance(data.get("files"), dict):
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{p} is not an llmscale checkpoint manifest (format {fmt!r}).")
+    return data
+
+
+def list_checkpoints(run_or_ckpt_dir: str | Path) -> list[CheckpointInfo]:
+    """Step folders, oldest first; ``complete`` = a manifest that parses (contents not hashed: see verify)."""
+    d = checkpoints_dir(run_or_ckpt_dir)
+    out = []
+    for c in children(d):
+        step = parse_step(c.name)
+        if step is None or not c.is_dir():
+            continue
+        try:
+            out.append(CheckpointInfo(c, step, True, read_manifest(c)))
+        except CheckpointError:
+            out.append(CheckpointInfo(c, step, False, {}))
+    return sorted(out, key=lambda i: i.step)
+
+
+def latest_complete(run_or_ckpt_dir: str | Path) -> Optional[CheckpointInfo]:
+    done = [i for i in list_checkpoints(run_or_ckpt_dir) if i.complete]
+    return done[-1] if done else None
+
+
+def read_latest(run_or_ckpt_dir: str | Path) -> Optional[str]:
+    """The name in ``latest`` if it is a well-formed step name, else None (garbage is reported, not used)."""
+    p = checkpoints_dir(run_or_ckpt_dir) / LATEST
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    if parse_step(text) is None:
+        log.warning("%s holds %r, not a checkpoint name: ignored (the newest complete checkpoint is found by scanning).",
+                    p, text[:80])
+        return None
+    return text
+
+
+def resolve_checkpoint(path: str | Path) -> Optional[Path]:
+    """A checkpoint folder for PATH: itself (it has an llmscale checkpoint manifest), or the newest complete
+    one of a run directory / checkpoints folder; None when PATH holds none."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        try:
+            read_manifest(p)
+            return p
+        except CheckpointError:
+            return None
+    if p.name == CHECKPOINTS or (p / CHECKPOINTS).is_dir():
+        info = latest_complete(p)
+        return info.path if info else None
+    return None
+
+
+def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[int, int] = (0, 1)) -> list[str]:
+    """Problems found in a checkpoint folder (empty list = good). Checks the manifest, that every listed
+    file exists with its size (and sha256 when ``checksums``), and that no unlisted file could be loaded.
+    ``shard=(i, n)`` checks only every n-th file starting at i (ranks split the hashing)."""
+    ckpt = Path(ckpt)
+    try:
+        m = read_manifest(ckpt)
+    except CheckpointError as e:
+        return [str(e)]
+
+    def allowed(rel: str) -> bool:  # work folders of a running conversion, a universal folder not yet listed
+        return rel.startswith(TMP_PREFIX) or (rel.startswith(UNIVERSAL_DIR + "/") and not m.get("universal"))
+
+    return verify_listed_files(ckpt, m["files"], checksums=checksums, shard=shard, allowed=allowed,
+                               manifest_name=MANIFEST)
+
+
+def remove_folder(path: Path, trash_name: str) -> None:
+    """Remove a checkpoint folder in one atomic step (rename to ``trash_name`` beside it, then delete), so
+    no half-deleted folder ever carries a step name."""
+    trash = path.with_name(trash_name)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def retention_victims(ckpt_dir: Path, *, keep_last: int, keep_every: int) -> list[CheckpointInfo]:
+    """Complete checkpoints that retention removes: all but the newest ``keep_last`` and every
+    ``keep_every``-th step; the newest is never among them."""
+    complete = [i for i in list_checkpoints(ckpt_dir) if i.complete]
+    if not complete:
+        return []
+    keep = {i.step for i in complete[-max(keep_last, 1):]}
+    keep.add(complete[-1].step)
+    if keep_every:
+        keep |= {i.step for i in complete if i.step % keep_every == 0}
+    return [i for i in complete if i.step not in keep]
+
+
+def clean_stale(ckpt_dir: Path) -> None:
+    """Remove folders of saves that never completed (.tmp-*) and unfinished deletions (.trash-*)."""
+    for c in children(ckpt_dir):
+        if c.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and c.is_dir():
+            log.info("removing %s (left by an interrupted save or clean-up)", c)
+            shutil.rmtree(c, ignore_errors=True)
+
+
+def set_aside_corrupt(info: CheckpointInfo) -> None:
+    """Rename a damaged checkpoint to ``step-N.corrupt-<time>`` (kept for inspection, never picked again)."""
+    aside = info.path.with_name(info.name + CORRUPT_SUFFIX + f"-{int(time.time())}")
+    try:
+        os.replace(info.path, aside)
+        log.error("moved it to %s (inspect or delete it)", aside)
+    except OSError as e:
+        log.error("could not move it aside: %s", e)
