@@ -3,7 +3,7 @@
 # tooling expects accelerate). The settings live in launch/accelerate_config.yaml.
 #
 #   launch/accelerate.sh CONFIG [key=value ...]        # N = visible GPUs, or 2 without a GPU
-#   NPROC=4 launch/accelerate.sh configs/tiny.yaml train.steps=100
+#   NPROC=4 launch/accelerate.sh configs/quickstart.yaml train.steps=100
 #
 # Environment (optional): NPROC (processes), PYTHON (interpreter; default: the project's .venv, else
 # python3), ACCELERATE_CONFIG (another accelerate config file), OMP_NUM_THREADS.

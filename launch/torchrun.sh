@@ -3,7 +3,7 @@
 # on gloo with DeepSpeed's CPU accelerator).
 #
 #   launch/torchrun.sh CONFIG [key=value ...]          # N = visible GPUs, or 2 without a GPU
-#   NPROC=4 launch/torchrun.sh configs/tiny.yaml train.steps=100
+#   NPROC=4 launch/torchrun.sh configs/quickstart.yaml train.steps=100
 #
 # Environment (optional): NPROC (processes), PYTHON (interpreter; default: the project's .venv, else
 # python3), OMP_NUM_THREADS (default: CPU cores / NPROC, at least 1).

@@ -10,11 +10,13 @@ What does not live here: the parallel layout's process groups (:mod:`llmscale.pa
 from __future__ import annotations
 
 import datetime
+import multiprocessing as mp
 import os
 import re
 import subprocess
+import traceback
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -192,3 +194,91 @@ def any_rank(flag: bool, group=None) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+# --------------------------------------------------------------------------- local ranks (benchmarks, tests)
+
+
+class RankFailure(RuntimeError):
+    """A rank of :func:`run_local_ranks` failed or timed out; the message carries its traceback."""
+
+
+def _local_rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue: Any,
+                     env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args, **kwargs)
+        queue.put((rank, True, result))
+    except BaseException:  # report everything, including SystemExit from library code
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def run_local_ranks(
+    fn: Callable,
+    world_size: int,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: Optional[dict] = None,
+    timeout: float = 600.0,
+    env: Optional[dict] = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned CPU processes of this host joined
+    by gloo (benchmarks and tests; ``env`` is added to each rank's environment). ``fn`` must be importable
+    (module level). Returns the per-rank return values (picklable), in rank order; a failure on any rank
+    raises :class:`RankFailure` with that rank's traceback."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_local_rank_main, args=(r, world_size, port, fn, tuple(args), dict(kwargs or {}), queue,
+                                                dict(env or {})), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    import queue as _queue
+
+    try:
+        for _ in range(world_size):
+            try:
+                rank, ok, payload = queue.get(timeout=timeout)
+            except _queue.Empty:
+                raise RankFailure(
+                    f"run_local_ranks({fn.__name__}, world_size={world_size}) timed out after {timeout}s; "
+                    f"ranks that reported: {sorted(set(results) | set(errors))}"
+                ) from None
+            (results if ok else errors)[rank] = payload
+            if not ok:
+                break  # the other ranks are probably blocked in a collective
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        rank = min(errors)
+        raise RankFailure(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
+    return [results[r] for r in range(world_size)]

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: run a function on N real processes (gloo, CPU), or run the
+"""Helpers for tests only (library code never imports this module): run a function on N real processes (gloo, CPU), or run the
 real CLI under torchrun.
 
     def check(rank, world_size, x):      # module-level, so it can be pickled
@@ -10,24 +10,19 @@ A failure on any rank raises :class:`DistributedTestError` carrying that rank's 
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from llmscale.dist import RankFailure, free_port, run_local_ranks
+
+__all__ = ["DistributedTestError", "cpu_env", "free_port", "run_cli", "run_distributed"]
+
 
 class DistributedTestError(AssertionError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A rank of :func:`run_distributed` failed; the message carries its traceback."""
 
 
 def cpu_env(extra: Optional[dict] = None) -> dict:
@@ -45,34 +40,6 @@ def cpu_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue: Any) -> None:
-    os.environ.update(cpu_env())
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args, **kwargs)
-        queue.put((rank, True, result))
-    except BaseException:  # report everything, including SystemExit from library code
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-
-
 def run_distributed(
     fn: Callable,
     world_size: int,
@@ -81,45 +48,13 @@ def run_distributed(
     kwargs: Optional[dict] = None,
     timeout: float = 600.0,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes joined by gloo.
-
-    Returns the per-rank return values (which must be picklable), in rank order."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), dict(kwargs or {}), queue), daemon=False)
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: dict[int, str] = {}
-    import queue as _queue
-
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes joined by gloo
+    (:func:`llmscale.dist.run_local_ranks` with :func:`cpu_env`). Returns the per-rank return values (which
+    must be picklable), in rank order."""
     try:
-        for _ in range(world_size):
-            try:
-                rank, ok, payload = queue.get(timeout=timeout)
-            except _queue.Empty:
-                raise DistributedTestError(
-                    f"run_distributed({fn.__name__}, world_size={world_size}) timed out after {timeout}s; "
-                    f"ranks that reported: {sorted(set(results) | set(errors))}"
-                ) from None
-            (results if ok else errors)[rank] = payload
-            if not ok:
-                break  # the other ranks are probably blocked in a collective
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 60)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        rank = min(errors)
-        raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
-    return [results[r] for r in range(world_size)]
+        return run_local_ranks(fn, world_size, args=args, kwargs=kwargs, timeout=timeout, env=cpu_env())
+    except RankFailure as e:
+        raise DistributedTestError(str(e)) from None
 
 
 def run_cli(

@@ -1,5 +1,6 @@
-"""Shared pieces of the checkpoint tests: a tiny model trained on real DeepSpeed (CPU, gloo), a
-deterministic data loader with a resumable position, and a training function that uses
+"""Shared pieces of the checkpoint tests: a tiny regression model trained on real DeepSpeed (CPU, gloo)
+through llmscale's own ``build_engine`` (the engine the trainer uses, not a hand-written DeepSpeed
+config), a deterministic data loader with a resumable position, and a training function that uses
 llmscale.checkpoint exactly as the trainer does (resume at start, maybe_save after each step)."""
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class ToyLoader:
         n = GLOBAL_BATCH // self.dp_size
         sl = slice(self.dp_rank * n, (self.dp_rank + 1) * n)
         x, y, ids = x[sl], y[sl], ids[sl]
-        return [{"x": x[i:i + self.micro], "y": y[i:i + self.micro], "sample_ids": ids[i:i + self.micro]}
+        return [{"input_ids": x[i:i + self.micro], "labels": y[i:i + self.micro], "sample_ids": ids[i:i + self.micro]}
                 for i in range(0, n, self.micro)]
 
     def state_dict(self) -> dict:
@@ -61,56 +62,75 @@ class Counters:
         self.step, self.tokens_seen = int(s["step"]), int(s["tokens_seen"])
 
 
+class ToyRegressor(torch.nn.Module):
+    """A small MLP with dropout, trained on mean squared error: the engine only needs ``forward(input_ids,
+    labels=...)`` returning an output with ``loss`` (here the inputs are float vectors, not token ids)."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(DIM, 64), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(64, 64),
+            torch.nn.GELU(), torch.nn.Linear(64, DIM),
+        )
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        from llmscale.models.layers import ModelOutput
+
+        out = self.net(input_ids)
+        loss = ((out - labels) ** 2).mean() if labels is not None else None
+        return ModelOutput(logits=out, loss=loss)
+
+
 def toy_model(seed: int = 0, dropout: float = 0.2) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(DIM, 64), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(64, 64), torch.nn.GELU(),
-        torch.nn.Linear(64, DIM),
-    )
+    return ToyRegressor(dropout)
+
+
+def toy_config(*, zero_stage: int = 1, nan_policy: str = "skip") -> Any:
+    """The RunConfig the toy engine is built from. Its model section only has to pass the layout checks
+    (data parallel only): the engine wraps the module it is given."""
+    from llmscale.config import RunConfig, from_dict
+
+    return from_dict(RunConfig, {
+        "data": {"seq_len": DIM},
+        "model": {"family": "gpt", "n_layers": 1, "d_model": DIM, "n_heads": 1, "vocab_size": DIM, "max_seq_len": DIM},
+        "optim": {"lr": 3e-3, "min_lr": 0.0, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.01,
+                  "grad_clip": 1.0},
+        "train": {"steps": 1000, "seed": 0, "precision": "fp32", "nan_policy": nan_policy},
+        "parallel": {"global_batch_size": GLOBAL_BATCH, "grad_accum_steps": 1, "zero_stage": zero_stage},
+    })
+
+
+def world_of(rank: int, world_size: int) -> Any:
+    from llmscale.dist import World
+
+    return World(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
 
 
 def build_ds(*, zero_stage: int = 1, world_size: int, model: Optional[torch.nn.Module] = None) -> Any:
-    import deepspeed
+    """An llmscale Engine (DeepSpeed underneath) for the toy model on the current process group."""
+    import torch.distributed as dist
 
-    model = model or toy_model()
-    micro = GLOBAL_BATCH // world_size
-    cfg = {
-        "train_batch_size": GLOBAL_BATCH,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "checkpoint": {"tag_validation": "Ignore"},
-    }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    return engine
+    from llmscale.engine import build_engine
+    from llmscale.parallel import plan_run
+
+    cfg = toy_config(zero_stage=zero_stage)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return build_engine(cfg, model or toy_model(), world=world_of(rank, world_size), plan=plan_run(cfg, world_size))
 
 
 def train_step(engine: Any, micro_batches: list[dict], *, poison: bool = False) -> float:
-    """One optimizer step; returns the global mean loss (all ranks agree). ``poison`` makes it NaN."""
-    import torch.distributed as dist
-
-    total = torch.zeros(1)
-    for mb in micro_batches:
-        out = engine(mb["x"])
-        loss = ((out - mb["y"]) ** 2).mean()
-        if poison:
-            loss = loss * float("nan")
-        engine.backward(loss)
-        engine.step()
-        total += loss.detach()
-    total /= len(micro_batches)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return float(total)
+    """One optimizer step; returns the global mean loss (all ranks agree), NaN for a skipped step.
+    ``poison`` makes the inputs NaN, so the loss and gradients are non-finite and every rank skips."""
+    if poison:
+        micro_batches = [{**mb, "input_ids": mb["input_ids"] * float("nan")} for mb in micro_batches]
+    result = engine.train_step(micro_batches)
+    return float("nan") if result.skipped else result.loss
 
 
 def params_digest(engine: Any) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(engine.module.state_dict().items()):
+    for name, p in sorted(engine.ds.module.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -124,22 +144,23 @@ def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: 
     """The trainer's checkpoint protocol on a toy DeepSpeed model. Returns losses by step and a digest of
     the final weights. ``stop_after``: leave the loop after that many steps of this process (a clean
     "interruption"). ``nan_steps``: global steps (1-based) whose loss is poisoned."""
-    from llmscale.checkpoint import BadStepGuard, CheckpointManager
+    from llmscale.checkpoint import CheckpointManager
     from llmscale.config import CheckpointConfig
+    from llmscale.trainer import BadStepGuard
 
     engine = build_ds(zero_stage=zero_stage, world_size=world_size, model=toy_model(dropout=dropout))
     loader = ToyLoader(dp_rank=rank, dp_size=world_size)
     counters = Counters()
     stateful = {"trainer": counters, "loader": loader}
-    manager = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(
+    manager = CheckpointManager(world=world_of(rank, world_size), run_dir=run_dir, checkpoint=CheckpointConfig(
         every_steps=every_steps, keep_last=keep_last, keep_every=keep_every))
     resumed = manager.resume(engine, stateful, resume_from=resume_from, no_resume=not resume)
     guard = BadStepGuard(max_bad_steps)
     stop_flag = None
     if preempt:
-        from llmscale.signals import install_handlers
+        from llmscale.signals import Preemption, grace_from_env
 
-        stop_flag = install_handlers()
+        stop_flag = Preemption(grace_s=grace_from_env())  # as Trainer.fit installs it
     stopped = False
     losses: dict[int, float] = {}
     rollbacks = []

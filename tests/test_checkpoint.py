@@ -17,10 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _ckpt_common as C  # noqa: E402
 
-from llmscale.checkpoint import (BadStepGuard, CheckpointError, CheckpointManager, list_checkpoints,  # noqa: E402
-                                 load_state_files, read_latest, read_manifest, save_state_files, verify_checkpoint)
+from llmscale.checkpoint import (CheckpointError, CheckpointManager, list_checkpoints, read_latest,  # noqa: E402
+                                 read_manifest, verify_checkpoint)
+from llmscale.checkpoint.codec import load_state_files, save_state_files  # noqa: E402
 from llmscale.config import CheckpointConfig  # noqa: E402
+from llmscale.dist import World  # noqa: E402
 from llmscale.testing import run_distributed  # noqa: E402
+from llmscale.trainer import BadStepGuard  # noqa: E402
 
 
 def test_rng_state_roundtrip_without_pickle(tmp_path):
@@ -80,6 +83,17 @@ def test_preemption_flag_second_signal_and_deadline():
 
 
 @pytest.mark.slow
+def test_preemption_grace_comes_from_the_environment():
+    from llmscale.errors import ConfigError
+    from llmscale.signals import grace_from_env
+
+    assert grace_from_env({}) is None and grace_from_env({"LLMSCALE_PREEMPT_GRACE_S": ""}) is None
+    assert grace_from_env({"LLMSCALE_PREEMPT_GRACE_S": "110"}) == 110.0
+    for bad in ("soon", "0", "-5", "nan"):
+        with pytest.raises(ConfigError, match="LLMSCALE_PREEMPT_GRACE_S=.*positive number of seconds"):
+            grace_from_env({"LLMSCALE_PREEMPT_GRACE_S": bad})
+
+
 def test_resume_is_bitwise_exact_with_retention_list_and_verify(tmp_path, capsys):
     full = run_distributed(C.train, 2, args=(str(tmp_path / "full"), 6), timeout=600)
     kw = {"every_steps": 1, "keep_last": 2, "keep_every": 3}
@@ -153,9 +167,9 @@ def test_resume_from_no_resume_and_convert_command(tmp_path, capsys):
 def test_save_schedule_steps_minutes_and_force(tmp_path):
     import time
 
-    m = CheckpointManager(run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=5, every_minutes=0.5))
+    m = CheckpointManager(world=World(), run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=5, every_minutes=0.5))
     assert [s for s in range(1, 16) if m.should_save(s)] == [5, 10, 15]
     m._last_save_time = time.monotonic() - 31  # half a minute since the last save
     assert m.should_save(7) and m.should_save(7, force=True)
-    off = CheckpointManager(run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
+    off = CheckpointManager(world=World(), run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
     assert not any(off.should_save(s) for s in range(1, 50)) and off.should_save(3, force=True)

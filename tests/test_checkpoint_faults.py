@@ -22,6 +22,7 @@ import _ckpt_common as C  # noqa: E402
 from llmscale.checkpoint import (CheckpointError, CheckpointManager, list_checkpoints, read_latest,  # noqa: E402
                                  verify_checkpoint)
 from llmscale.config import CheckpointConfig  # noqa: E402
+from llmscale.dist import World  # noqa: E402
 from llmscale.testing import cpu_env, free_port, run_distributed  # noqa: E402
 
 WORKER = Path(__file__).parent / "_ckpt_worker.py"
@@ -165,7 +166,7 @@ def test_damaged_newest_falls_back_loudly(two_checkpoints, tmp_path, damage, cap
         bad.write_bytes(b"x")
     else:
         bad.unlink()
-    m = CheckpointManager(run_dir=run, checkpoint=CheckpointConfig())
+    m = CheckpointManager(world=World(), run_dir=run, checkpoint=CheckpointConfig())
     with caplog.at_level("WARNING"):
         assert m.find_resumable() == run / "checkpoints" / "step-000002"
     text = caplog.text
@@ -179,7 +180,7 @@ def test_garbage_latest_is_ignored_and_none_usable_is_an_error(two_checkpoints, 
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     (run / "checkpoints" / "latest").write_bytes(b"\x00\xffstep-../../etc\n")
-    m = CheckpointManager(run_dir=run, checkpoint=CheckpointConfig())
+    m = CheckpointManager(world=World(), run_dir=run, checkpoint=CheckpointConfig())
     with caplog.at_level("WARNING"):
         assert m.find_resumable() == run / "checkpoints" / "step-000004"
     assert read_latest(run) is None and "not a checkpoint name" in caplog.text
@@ -190,7 +191,7 @@ def test_garbage_latest_is_ignored_and_none_usable_is_an_error(two_checkpoints, 
     # only interrupted saves (.tmp-*) are not checkpoints: a fresh start, and they are cleaned up
     fresh = tmp_path / "fresh"
     (fresh / "checkpoints" / ".tmp-step-000002" / "model").mkdir(parents=True)
-    assert CheckpointManager(run_dir=fresh, checkpoint=CheckpointConfig()).find_resumable() is None
+    assert CheckpointManager(world=World(), run_dir=fresh, checkpoint=CheckpointConfig()).find_resumable() is None
     assert list((fresh / "checkpoints").iterdir()) == []
 
 
@@ -211,7 +212,8 @@ def test_malicious_pickle_never_runs_on_resume(two_checkpoints, tmp_path):
 
 
 def _train_until_full(rank, world_size, run_dir):
-    m = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(every_steps=1, keep_last=100))
+    m = CheckpointManager(world=C.world_of(rank, world_size), run_dir=run_dir,
+                          checkpoint=CheckpointConfig(every_steps=1, keep_last=100))
     engine = C.build_ds(world_size=world_size, model=C.toy_model())
     ballast = Path(run_dir) / "ballast"
     loader, counters = C.ToyLoader(dp_rank=rank, dp_size=world_size), C.Counters()
@@ -337,3 +339,29 @@ def test_sigkill_real_train_resumes_to_the_same_weights(gpt_data, tmp_path):
     got = torch.load(run / "final" / "model.pt", weights_only=True)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.slow
+def test_real_train_installs_its_signal_handlers_and_honours_the_grace_env(gpt_data, tmp_path):
+    """`llmscale train` itself turns SIGUSR1 into save-then-exit-75, and LLMSCALE_PREEMPT_GRACE_S bounds how long
+    that may take: with a deadline shorter than one step it exits 75 at once, before any save."""
+    from llmscale.signals import EXIT_REQUEUE
+
+    def preempted(run_dir: Path, env: dict) -> int:
+        cmd = _train_cmd(gpt_data, run_dir, 100_000)
+        cmd = [sys.executable, "-m", "llmscale", *cmd[cmd.index("train"):], "checkpoint.every_steps=0"]
+        with open(run_dir.parent / f"{run_dir.name}.log", "wb") as log:
+            p = subprocess.Popen(cmd, env=cpu_env(env), stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 300
+            while logged_steps(run_dir / "metrics.jsonl") < 2 and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            p.send_signal(signal.SIGUSR1)
+            return p.wait(timeout=300)
+
+    graceful = tmp_path / "graceful"
+    assert preempted(graceful, {}) == EXIT_REQUEUE
+    saved = list_checkpoints(graceful)
+    assert len(saved) == 1 and verify_checkpoint(saved[0].path) == []  # saved at the step boundary
+    hard = tmp_path / "hard"
+    assert preempted(hard, {"LLMSCALE_PREEMPT_GRACE_S": "0.001"}) == EXIT_REQUEUE
+    assert list_checkpoints(hard) == []  # the deadline ended it before the next step boundary

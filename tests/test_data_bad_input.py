@@ -16,13 +16,13 @@ import pytest
 from llmscale.data.prepare import prepare_dataset
 from llmscale.data.shards import DatasetError, read_manifest, verify_dataset
 from llmscale.data.sources import _BLOCK, PrepareError, ReadStats, iter_documents
-from llmscale.data.tokenizer import train_tokenizer
+from llmscale.data.tokenizer import Tokenizer, train_tokenizer
 from llmscale.testing import cpu_env, run_cli
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory, corpus_path):
-    return train_tokenizer([corpus_path], tmp_path_factory.mktemp("tok"), vocab_size=400, sample_bytes=200_000)
+def tok(tokenizer_dir):
+    return Tokenizer.load(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -118,10 +118,10 @@ def _train_job(rank, world_size, parallel, family, steps, eval_step, nan_at, ckp
     replay the remaining steps (their losses must repeat exactly)."""
     from llmscale.dist import discover_world, shutdown
     from llmscale.engine import build_engine
-    from llmscale.parallel import solve_batch
+    from llmscale.parallel import plan_run
 
     cfg = _cfg(parallel, family=family, nan_policy=nan_policy)
-    plan = solve_batch(cfg.parallel, world_size=world_size, seq_len=SEQ)
+    plan = plan_run(cfg, world_size)
     engine = build_engine(cfg, _build_model(cfg), world=discover_world(), plan=plan)
     hist = []
     before = after = None

@@ -284,7 +284,8 @@ def test_import_reads_hub_style_gpt2_names(tmp_path):
 def test_export_and_generate_from_a_finished_run_dir(tok_dir, tmp_path):
     """A run directory as `llmscale train` leaves it: config.yaml + final/model.pt + tokenizer/."""
     from llmscale.config import RunConfig, save_resolved
-    from llmscale.jobs.generate import generate_text, load_for_inference
+    from llmscale.artifacts import load_model
+    from llmscale.models.generate import generate_text
 
     model = _random_model(FAMILIES["llama-gqa"])
     run = tmp_path / "run"
@@ -294,7 +295,8 @@ def test_export_and_generate_from_a_finished_run_dir(tok_dir, tmp_path):
     (run / "final").mkdir()
     torch.save(model.state_dict(), run / "final" / "model.pt")
     shutil.copytree(tok_dir, run / "tokenizer")
-    loaded, tok = load_for_inference(run)
+    lm = load_model(run)
+    loaded, tok = lm.model, lm.require_tokenizer()
     assert isinstance(tok, Tokenizer)
     out = export_model(loaded, loaded.config, run / "tokenizer", tmp_path / "exported")
     again, _ = load_model_folder(out)
@@ -382,7 +384,8 @@ def test_import_refuses_unsupported_transformers_features(tmp_path):
 
 @pytest.mark.slow
 def test_cli_export_import_generate(exported, tmp_path):
-    from llmscale.jobs.generate import generate_text, load_for_inference
+    from llmscale.artifacts import load_model
+    from llmscale.models.generate import generate_text
 
     _, folder = exported["gpt2"]
     run_cli(["export", str(folder), str(tmp_path / "copy")])
@@ -390,7 +393,8 @@ def test_cli_export_import_generate(exported, tmp_path):
     p = run_cli(["generate", str(tmp_path / "copy"), "--prompt", "ROMEO:\n  话说", "--greedy", "--max-new-tokens", "12",
                  "--json"])
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    model, tok = load_for_inference(folder)
+    lm = load_model(folder)
+    model, tok = lm.model, lm.require_tokenizer()
     want = generate_text(model, tok, "ROMEO:\n  话说", max_new_tokens=12, greedy=True)
     assert got == want and got["text"].startswith("ROMEO:\n  话说") and got["new_ids"]
     # seeded sampling is reproducible from the CLI

@@ -145,35 +145,12 @@ def test_accelerate_config_launches_two_ranks(tmp_path):
     _check_probe(p.stdout)
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(corpus_path, tmp_path_factory) -> Path:
-    from llmscale.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("launch-data")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    prepare_dataset([corpus], root / "ds", vocab_size=400, seq_len=64, val_fraction=0.05, num_proc=1)
-    return root / "ds"
-
-
-def _tiny_config(path: Path, *, dataset: Path, run_dir: Path, steps: int) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        run_dir: {run_dir}
-        data: {{path: {dataset}, seq_len: 64}}
-        model: {{n_layers: 2, d_model: 64, n_heads: 4, max_seq_len: 64}}
-        optim: {{lr: 1.0e-3, warmup_steps: 5}}
-        parallel: {{micro_batch_size: 4, global_batch_size: 8}}
-        train: {{steps: {steps}, log_every: 5, eval_every: 0, eval_batches: 2, tensorboard: false}}
-        """))
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun.sh", "accelerate.sh"])
-def test_launcher_trains_two_ranks(launcher, tiny_dataset, tmp_path):
+def test_launcher_trains_two_ranks(launcher, tiny_gpt_dataset, tiny_config, tmp_path):
     """The launcher as a user runs it: NPROC=2 ranks train a tiny GPT to the end on gloo/CPU."""
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=10)
+    cfg = tiny_config(tmp_path / "tiny.yaml", dataset=tiny_gpt_dataset, run_dir=run_dir, steps=10)
     p = subprocess.run(
         ["bash", str(ROOT / "launch" / launcher), str(cfg), "train.log_every=2"],
         env=cpu_env({"NPROC": "2", "PYTHON": sys.executable}), capture_output=True, text=True, timeout=300,
@@ -228,11 +205,11 @@ def two_hosts():
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_in_network_namespaces(two_hosts, tiny_dataset, tmp_path):
+def test_torchrun_two_nodes_in_network_namespaces(two_hosts, tiny_gpt_dataset, tiny_config, tmp_path):
     """torchrun --nnodes 2 with a c10d rendezvous on host a's address: one rank per "host", gloo over
     the veth link, a shared run directory (as on a cluster file system), trains to the end."""
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=10)
+    cfg = tiny_config(tmp_path / "tiny.yaml", dataset=tiny_gpt_dataset, run_dir=run_dir, steps=10)
     endpoint = f"{two_hosts[0][1]}:29400"
     procs = []
     for node, (ns, addr, iface) in enumerate(two_hosts):

@@ -63,15 +63,13 @@ def test_char_gpt_reaches_nanogpt_baseline(tmp_path, corpus_path):
 
 
 @pytest.mark.slow
-def test_bert_masked_lm_beats_unigram_baseline(tmp_path, corpus_path):
+def test_bert_masked_lm_beats_unigram_baseline(tmp_path, tiny_bert_dataset):
     from llmscale.data.loader import build_loader
-    from llmscale.data.prepare import prepare_dataset
-    from llmscale.data.shards import open_shard
-    from llmscale.jobs.train import load_final_model
+    from llmscale.data.shards import open_shard, read_manifest
+    from llmscale.artifacts import load_model
 
-    data = tmp_path / "bert"
-    m = prepare_dataset([corpus_path], data, vocab_size=512, format="bert", seq_len=64, val_fraction=0.05,
-                        doc_split="paragraph", num_proc=1)
+    data = tiny_bert_dataset  # vocab 512, seq_len 64, paragraphs, 5% val (conftest)
+    m = read_manifest(data)
     run_dir = tmp_path / "run"
     run_cli(["train", str(ROOT / "configs" / "bert_tiny.yaml"), f"run_dir={run_dir}", f"data.path={data}",
              "data.seq_len=64", "model.max_seq_len=64", "data.nsp=false", "model.nsp_head=false",
@@ -85,7 +83,8 @@ def test_bert_masked_lm_beats_unigram_baseline(tmp_path, corpus_path):
         counts += np.bincount(open_shard(data / s.path).tokens, minlength=m.vocab_size)
     top = int(counts.argmax())
 
-    model, tok, cfg = load_final_model(run_dir)
+    lm = load_model(run_dir)
+    model, tok, cfg = lm.model, lm.tokenizer, lm.run_config
     loader = build_loader(cfg.data, dp_rank=0, dp_size=1, global_batch_size=32, micro_batch_size=32,
                           pad_id=tok.pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id)
     correct = baseline = total = 0

@@ -14,13 +14,13 @@ import pytest
 from llmscale.data.prepare import prepare_dataset, split_sentences
 from llmscale.data.shards import open_shard, read_manifest, verify_dataset
 from llmscale.data.sources import ReadStats, iter_documents
-from llmscale.data.tokenizer import Tokenizer, train_tokenizer
+from llmscale.data.tokenizer import Tokenizer
 from llmscale.testing import run_cli
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory, corpus_path):
-    return train_tokenizer([corpus_path], tmp_path_factory.mktemp("tok"), vocab_size=500, sample_bytes=300_000)
+def tok(tokenizer_dir):
+    return Tokenizer.load(tokenizer_dir)  # vocab 500 (conftest)
 
 
 def rows(root, split):

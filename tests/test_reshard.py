@@ -87,7 +87,7 @@ def reference(gpt_data, tmp_path_factory) -> dict[int, float]:
 def test_trainer_resumes_tp_or_pp_2_on_1_and_exports_consolidated(gpt_data, reference, tmp_path, degree):
     import torch
 
-    from llmscale.jobs.generate import load_model_source
+    from llmscale.artifacts import load_model
     from llmscale.testing import run_cli
 
     run = tmp_path / "run"
@@ -96,7 +96,7 @@ def test_trainer_resumes_tp_or_pp_2_on_1_and_exports_consolidated(gpt_data, refe
     assert read_manifest(ck4)["layout"][{"tensor_parallel": "tp", "pipeline_parallel": "pp"}[degree]] == 2
     # export consolidates the 2-way checkpoint into one model folder equal to the engine's own consolidation
     run_cli(["export", str(ck4), str(tmp_path / "hf")])
-    model, _, _ = load_model_source(tmp_path / "hf")
+    model = load_model(tmp_path / "hf").model
     want = torch.load(run / "final" / "model.pt", weights_only=True)
     got = model.state_dict()
     assert set(got) == set(want)

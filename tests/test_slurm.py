@@ -294,19 +294,6 @@ def tiny_dataset(slurm_cluster, corpus_path, tmp_path_factory) -> Path:
     return out
 
 
-def _tiny_config(path: Path, *, dataset: Path, run_dir: Path, steps: int, every_steps: int = 0) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        run_dir: {run_dir}
-        data: {{path: {dataset}, seq_len: 64}}
-        model: {{n_layers: 2, d_model: 64, n_heads: 4, max_seq_len: 64}}
-        optim: {{lr: 1.0e-3, warmup_steps: 5}}
-        parallel: {{micro_batch_size: 4, global_batch_size: 8}}
-        train: {{steps: {steps}, log_every: 5, eval_every: 0, eval_batches: 2, tensorboard: false}}
-        checkpoint: {{every_steps: {every_steps}}}
-        """))
-    return path
-
-
 # CPU node: two tasks of one CPU each, no GPUs (the sbatch defaults are 8 GPUs per node).
 _CPU_JOB = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1")
 
@@ -322,11 +309,12 @@ STEPS = 300  # enough that a preemption signal lands mid-run; a step takes ~0.03
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(slurm_cluster, tiny_dataset, tmp_path_factory) -> dict:
+def uninterrupted_run(slurm_cluster, tiny_dataset, tiny_config, tmp_path_factory) -> dict:
     """slurm/train.sbatch as a user submits it, run to the end: {log, info, run_dir}."""
     root = tmp_path_factory.mktemp("slurm-train")
     run_dir = root / "run"
-    cfg = _tiny_config(root / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=STEPS)
+    cfg = tiny_config(root / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=STEPS,
+                      checkpoint={"every_steps": 0})
     log = root / "train.out"
     jid = slurm_cluster.sbatch(
         TRAIN_SBATCH, str(cfg), "train.eval_every=100",
@@ -350,7 +338,8 @@ def test_train_sbatch_runs_two_ranks(uninterrupted_run):
 
 
 @pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_dataset, uninterrupted_run, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_dataset, tiny_config, uninterrupted_run,
+                                                       tmp_path):
     """The early-warning signal of a preemption, sent the way --signal=B:USR1@300 sends it (to the batch
     shell only): the script forwards it, the ranks save at a step boundary and exit with the requeue
     code, the script runs `scontrol requeue`, and the second run resumes from that checkpoint and ends
@@ -360,7 +349,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_data
 
     steps = STEPS
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=steps)
+    cfg = tiny_config(tmp_path / "tiny.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=steps,
+                      checkpoint={"every_steps": 0})
     log = tmp_path / "train.out"
     jid = slurm_cluster.sbatch(
         TRAIN_SBATCH, str(cfg),

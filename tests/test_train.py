@@ -122,9 +122,10 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
     import torch
 
     from llmscale.data.loader import build_loader
-    from llmscale.jobs.train import load_final_model
+    from llmscale.artifacts import load_model
 
-    model, tok, cfg = load_final_model(run_dir)
+    lm = load_model(run_dir)
+    model, tok, cfg = lm.model, lm.tokenizer, lm.run_config
     loader = build_loader(cfg.data, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=16)
     total, n = 0.0, 0
     with torch.no_grad():
@@ -143,7 +144,7 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
 
 def test_vocab_and_tokenizer_mismatch_refused(gpt_data, other_tok_data, tmp_path):
     from llmscale.data.tokenizer import TokenizerError
-    from llmscale.jobs.train import check_data
+    from llmscale.data.checks import check_datasets
 
     vocab = json.loads((gpt_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     # model.vocab_size that disagrees with the dataset's tokenizer: refused, naming both and the fix
@@ -159,7 +160,7 @@ def test_vocab_and_tokenizer_mismatch_refused(gpt_data, other_tok_data, tmp_path
     cfg = load_config(RunConfig, None, [f"data.blend=[{{path: {gpt_data}}}, {{path: {other_tok_data}}}]",
                                         f"run_dir={tmp_path / 'run_blend'}"])
     with pytest.raises(TokenizerError, match="mixes tokenizers"):
-        check_data(cfg)
+        check_datasets(cfg)
 
     # a run directory trained with one tokenizer refuses data made with another
     import shutil
@@ -169,14 +170,14 @@ def test_vocab_and_tokenizer_mismatch_refused(gpt_data, other_tok_data, tmp_path
     shutil.copytree(gpt_data / "tokenizer", run_dir / "tokenizer")
     cfg = load_config(RunConfig, None, [f"data.path={other_tok_data}", f"run_dir={run_dir}"])
     with pytest.raises(TokenizerError) as e:
-        check_data(cfg)
+        check_datasets(cfg)
     h_run = json.loads((gpt_data / "manifest.json").read_text())["tokenizer"]["hash"][:12]
     h_data = json.loads((other_tok_data / "manifest.json").read_text())["tokenizer"]["hash"][:12]
     assert h_run in str(e.value) and h_data in str(e.value) and f"--tokenizer {run_dir / 'tokenizer'}" in str(e.value)
 
     # the matching case passes and fills model.vocab_size from the dataset
     cfg = load_config(RunConfig, None, [f"data.path={gpt_data}", f"run_dir={tmp_path / 'fresh'}"])
-    check_data(cfg)
+    check_datasets(cfg)
     assert cfg.model.vocab_size == vocab
 
 
@@ -205,9 +206,10 @@ def test_bert_trains_with_nsp(tmp_path, corpus_path):
     import torch
 
     from llmscale.data.loader import build_loader
-    from llmscale.jobs.train import load_final_model
+    from llmscale.artifacts import load_model
 
-    model, tok, cfg = load_final_model(run_dir)
+    lm = load_model(run_dir)
+    model, tok, cfg = lm.model, lm.tokenizer, lm.run_config
     loader = build_loader(cfg.data, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=16,
                           mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id)
     b = next(iter(loader.eval_batches(1)))

@@ -49,7 +49,7 @@ def raw_disk(folder: Path, size_mb: int) -> dict:
         while fh.read(BLOCK):
             pass
     tr = time.perf_counter() - t0
-    from llmscale.data.shards import sha256_file
+    from llmscale.files import sha256_file
 
     t0 = time.perf_counter()
     sha256_file(f)  # from the page cache now: the cost of checksumming alone
@@ -61,32 +61,50 @@ def raw_disk(folder: Path, size_mb: int) -> dict:
 
 
 def _model(size_mb: int):
+    """Square linear layers holding ``size_mb`` MB of fp32 weights, trained on a squared-norm loss: the engine
+    only needs ``forward(input_ids, labels=...)`` returning an output with ``loss``."""
     import torch
+
+    from llmscale.models.layers import ModelOutput
 
     width = 2048
     layers = max(int(size_mb * (1 << 20) / 4 / (width * width + width)), 1)
+
+    class MatrixStack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+        def forward(self, input_ids, labels=None):
+            out = self.net(input_ids)
+            return ModelOutput(logits=out, loss=out.pow(2).mean())
+
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    return MatrixStack()
 
 
 def _engine(size_mb: int):
-    import deepspeed
+    """An llmscale Engine (ZeRO-1 on DeepSpeed, built by ``build_engine`` as in training) for the stack."""
+    from llmscale.config import RunConfig, from_dict
+    from llmscale.dist import World
+    from llmscale.engine import build_engine
+    from llmscale.parallel import plan_run
 
-    model = _model(size_mb)
-    cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    return engine
+    cfg = from_dict(RunConfig, {
+        "data": {"seq_len": 8},
+        "model": {"family": "gpt", "n_layers": 1, "d_model": 8, "n_heads": 1, "vocab_size": 8, "max_seq_len": 8},
+        "optim": {"lr": 1e-4, "min_lr": 0.0, "warmup_steps": 0, "schedule": "constant"},
+        "train": {"precision": "fp32"},
+        "parallel": {"zero_stage": 1, "global_batch_size": 4, "micro_batch_size": 4},
+    })
+    return build_engine(cfg, _model(size_mb), world=World(), plan=plan_run(cfg, 1))
 
 
 def _step(engine) -> float:
     import torch
 
     t0 = time.perf_counter()
-    x = torch.randn(4, 2048)
-    loss = engine(x).pow(2).mean()
-    engine.backward(loss)
-    engine.step()
+    engine.train_step([{"input_ids": torch.randn(4, 2048), "labels": torch.zeros(4, 2048)}])
     return time.perf_counter() - t0
 
 
@@ -102,26 +120,24 @@ class _Count:
 
 
 def _init_single_process() -> None:
-    import torch.distributed as dist
-
-    from llmscale.testing import free_port
+    from llmscale import dist as ldist
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    ldist.init_distributed(ldist.world_for_job({k: v for k, v in os.environ.items()
+                                                if k not in ("RANK", "WORLD_SIZE")}), backend="gloo")
 
 
 def probe(run_dir: str, size_mb: int) -> dict:
     """Child process (``llmscale bench ckpt --resume-probe RUN_DIR``): build, resume, one step; the step resumed."""
     from llmscale.checkpoint import CheckpointManager
     from llmscale.config import CheckpointConfig
+    from llmscale.dist import World
 
     _init_single_process()
     engine = _engine(size_mb)
     counters = _Count()
-    step = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig()).resume(engine, {"trainer": counters})
+    step = CheckpointManager(world=World(), run_dir=run_dir, checkpoint=CheckpointConfig()).resume(
+        engine, {"trainer": counters})
     _step(engine)
     return {"resumed": step}
 
@@ -133,6 +149,7 @@ def run(*, size_mb: int = 256, workdir: str | None = None, keep: bool = False) -
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     from llmscale.checkpoint import CheckpointManager
     from llmscale.config import CheckpointConfig
+    from llmscale.dist import World
 
     base = Path(workdir) if workdir else Path("runs")
     base.mkdir(parents=True, exist_ok=True)
@@ -141,10 +158,10 @@ def run(*, size_mb: int = 256, workdir: str | None = None, keep: bool = False) -
         raw = raw_disk(folder, max(size_mb * 2, 256))
         _init_single_process()
         engine = _engine(size_mb)
-        nparams = sum(p.numel() for p in engine.module.parameters())
+        nparams = sum(p.numel() for p in engine.ds.module.parameters())
         counters = _Count()
         run_dir = folder / "run"
-        mgr = CheckpointManager(run_dir=run_dir, checkpoint=CheckpointConfig(every_steps=5, keep_last=1))
+        mgr = CheckpointManager(world=World(), run_dir=run_dir, checkpoint=CheckpointConfig(every_steps=5, keep_last=1))
         steps = []
         stall = None
         saves = []

@@ -4,7 +4,7 @@
 For each preset: tokens per second of a training step without the optimizer (forward with labels, loss,
 backward), the achieved TFLOP/s using the model's own ``flops_per_token(seq_len)`` (6 x matmul weights +
 full-matrix attention, see :mod:`llmscale.models.flops`) and, on a CUDA GPU, the model FLOPs utilisation
-(MFU) against the GPU's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`, matched on the device name; override
+(MFU) against the GPU's dense bf16 peak (:data:`llmscale.metrics.BF16_PEAK_FLOPS`, matched on the device name; override
 with ``peak_tflops_override`` / ``--peak-tflops``).
 
 Defaults: on a GPU gpt2-124m (T=1024), gpt2-350m and llama-1b (T=2048) in bf16 autocast with the flash
@@ -27,20 +27,6 @@ from llmscale.log import get_logger
 
 log = get_logger(__name__)
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets. Longer names first:
-# the first substring of the device name that matches wins.
-PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H200": 989.4,
-    "H100": 989.4,  # SXM
-    "GH200": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-    "A10G": 70.0,
-    "L4": 121.0,
-}
-
 # (seq_len, batch) per preset when --seq-len / --batch are not given
 CPU_DEFAULTS: dict[str, tuple[int, int]] = {
     "gpt-tiny": (256, 8), "gpt-char": (256, 8), "llama-tiny": (256, 8), "bert-tiny-cpu": (128, 8),
@@ -50,10 +36,11 @@ GPU_DEFAULTS: dict[str, tuple[int, int]] = {"gpt2-124m": (1024, 16), "gpt2-350m"
 
 
 def peak_tflops(device_name: str) -> Optional[float]:
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key.lower() in device_name.lower():
-            return value
-    return None
+    """Dense bf16 peak TFLOP/s of a GPU by name, from the one table (:data:`llmscale.metrics.BF16_PEAK_FLOPS`)."""
+    from llmscale.metrics import peak_flops_for
+
+    peak = peak_flops_for(device_name)
+    return peak / 1e12 if peak is not None else None
 
 
 def _batch(family: str, B: int, T: int, vocab: int, device, gen: torch.Generator) -> dict:

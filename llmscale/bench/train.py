@@ -74,17 +74,19 @@ def _build(cfg_dict: dict, world_size: int):
     from llmscale.config import RunConfig, from_dict
     from llmscale.data.shards import read_manifest
     from llmscale.dist import discover_world
-    from llmscale.engine import build_engine, solve_batch
+    from llmscale.engine import build_engine
     from llmscale.models import build_model
+    from llmscale.parallel import plan_run
 
     cfg = from_dict(RunConfig, cfg_dict)
     if cfg.model.vocab_size is None and cfg.data.path:
         cfg.model.vocab_size = read_manifest(cfg.data.path).vocab_size
     world = discover_world()
-    plan = solve_batch(cfg.parallel, world_size=world_size, seq_len=cfg.data.seq_len)
+    run_plan = plan_run(cfg, world_size)
+    plan = run_plan.batch
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
-    engine = build_engine(cfg, model, world=world, plan=plan)
+    engine = build_engine(cfg, model, world=world, plan=run_plan)
     return cfg, plan, model, engine
 
 
@@ -94,6 +96,10 @@ def _loader(cfg, engine, plan):
     return build_loader(cfg.data, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
                         global_batch_size=plan.global_batch_size, micro_batch_size=plan.micro_batch_size,
                         vocab_size=cfg.model.vocab_size)
+
+
+# each spawned CPU rank: DeepSpeed's CPU accelerator and one thread (the ranks share the machine's cores)
+_CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _plain_step(model, opt, micro_batches: list[dict], *, clip: float, lr: float) -> float:
@@ -228,7 +234,7 @@ def _prepare_data(root: Path) -> dict[str, str]:
 
 
 def run_cpu(*, presets: list[str], nprocs: list[int], steps: int, warmup: int, data: dict[str, str]) -> dict:
-    from llmscale.testing import run_distributed
+    from llmscale.dist import run_local_ranks
 
     runs, versus = [], []
     for preset in presets:
@@ -238,7 +244,7 @@ def run_cpu(*, presets: list[str], nprocs: list[int], steps: int, warmup: int, d
         for n in nprocs:
             cfg = _run_config(preset, fmt, T, mbs, mbs * n, data[fmt])
             t0 = time.time()
-            res = run_distributed(_cpu_worker, world_size=n, args=(cfg, steps, warmup, n == 1), timeout=1200)
+            res = run_local_ranks(_cpu_worker, n, args=(cfg, steps, warmup, n == 1), timeout=1200, env=_CPU_RANK_ENV)
             r0 = res[0]
             step = max(r["step_time_s"]["median"] for r in res)  # ranks wait for each other each step
             entry = {
@@ -291,7 +297,7 @@ def run_gpu(*, steps: int, warmup: int = 3) -> list[dict]:
     import multiprocessing as mp
 
     from llmscale.models.presets import REFERENCE_VOCAB
-    from llmscale.testing import free_port
+    from llmscale.dist import free_port
 
     out = []
     ctx = mp.get_context("spawn")

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    from llmscale.config import ModelConfig
+from typing import Any, Optional
 
 _GPT2 = dict(family="gpt", norm="layernorm", norm_eps=1e-5, position="learned", activation="gelu", bias=True,
              tie_embeddings=True, norm_position="pre", max_seq_len=1024, dropout=0.0)
@@ -71,8 +68,9 @@ def default_d_ff(d_model: int, activation: str) -> int:
     return 4 * d_model
 
 
-def resolve_config(cfg: "ModelConfig", vocab_size: Optional[int] = None) -> "ModelConfig":
-    """The ModelConfig a model is built from: vocab_size, d_ff and n_kv_heads filled in, checked.
+def resolve_config(cfg: Any, vocab_size: Optional[int] = None) -> Any:
+    """The ModelConfig a model is built from: vocab_size, d_ff and n_kv_heads filled in, checked. (``cfg`` is
+    an :class:`llmscale.config.ModelConfig`; not imported here, because config.py imports the presets.)
 
     ``vocab_size`` is the dataset tokenizer's. An explicit ``model.vocab_size`` wins when it is at least as
     large (padding the vocabulary, e.g. to a multiple of 64, is allowed); a smaller one cannot embed every id."""

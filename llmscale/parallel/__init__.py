@@ -8,6 +8,9 @@
 
 All of it is used by :mod:`llmscale.engine`, the only module that talks to DeepSpeed's engine. Models
 never import this package. Importing this package (and :mod:`.plan`) does not import torch.
+
+What does not live here: the DeepSpeed config and engine (:mod:`llmscale.engine`), the world and its
+collectives (:mod:`llmscale.dist`), the optimizer and step control (:mod:`llmscale.optim`).
 """
 from llmscale.errors import LayoutError
 from llmscale.parallel.plan import BatchPlan, Layout, RunPlan, check_layout, plan_run, solve_batch
