@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 from llmscale.checkpoint.store import CHECKPOINTS, resolve_checkpoint
 from llmscale.errors import ExportError

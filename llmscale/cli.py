@@ -12,7 +12,8 @@ import argparse
 import importlib
 import keyword
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 # command path -> one-line help; the module is job_module(path)
 COMMANDS: dict[tuple[str, ...], str] = {
@@ -40,7 +41,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
 
 
 def job_module(path: Sequence[str]) -> str:
-    """The module of a command: ``("ckpt", "list")`` -> ``llmscale.jobs.ckpt_list``, ``("import",)`` -> ``llmscale.jobs.import_``."""
+    """The module of a command: ``("ckpt", "list")`` -> ``llmscale.jobs.ckpt_list``, ``("import",)`` ->
+    ``llmscale.jobs.import_``."""
     name = "_".join(path)
     if keyword.iskeyword(name):
         name += "_"
@@ -82,7 +84,8 @@ def _resolve(argv: list[str]) -> tuple[Optional[tuple[str, ...]], list[str]]:
         return (argv[0], argv[1]), argv[2:]
     subs = ", ".join(p[1] for p in paths)
     where = f"'{argv[1]}'" if len(argv) > 1 else "nothing"
-    raise SystemExit(f"llmscale {argv[0]}: got {where}; choose one of: {subs} (e.g. `llmscale {' '.join(paths[0])} --help`).")
+    raise SystemExit(f"llmscale {argv[0]}: got {where}; choose one of: {subs} "
+                     f"(e.g. `llmscale {' '.join(paths[0])} --help`).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

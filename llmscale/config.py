@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
 from llmscale.errors import ConfigError
-
-
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None) -> Any:
@@ -93,7 +92,8 @@ class ModelConfig:
     d_model: int = doc(128, "Hidden width.")
     n_heads: int = doc(4, "Attention heads.")
     n_kv_heads: Optional[int] = doc(None, "Key/value heads for grouped-query attention (default: n_heads).")
-    d_ff: Optional[int] = doc(None, "MLP hidden width (default 4*d_model for GELU, multiple of 256 near 8/3*d_model for SwiGLU).")
+    d_ff: Optional[int] = doc(
+        None, "MLP hidden width (default 4*d_model for GELU, multiple of 256 near 8/3*d_model for SwiGLU).")
     vocab_size: Optional[int] = doc(None, "Vocabulary size (default: taken from the dataset's tokenizer).")
     max_seq_len: int = doc(1024, "Longest sequence the model accepts (learned positions table size).")
     norm: Literal["layernorm", "rmsnorm"] = doc("layernorm", "Normalisation layer.")
@@ -180,9 +180,11 @@ class ParallelConfig:
     pipeline_partition: Literal["parameters", "uniform"] = doc(
         "parameters", "How layers are assigned to pipeline stages: balance parameter counts, or equal layer counts.")
     micro_batch_size: Optional[int] = doc(None, "Samples per rank per forward pass.")
-    grad_accum_steps: Optional[int] = doc(None, "Micro-batches accumulated per optimizer step (pipeline: micro-batches per step).")
+    grad_accum_steps: Optional[int] = doc(
+        None, "Micro-batches accumulated per optimizer step (pipeline: micro-batches per step).")
     global_batch_size: Optional[int] = doc(None, "Samples per optimizer step over all data-parallel ranks.")
-    global_batch_tokens: Optional[int] = doc(None, "Alternative to global_batch_size: tokens per step (divided by data.seq_len).")
+    global_batch_tokens: Optional[int] = doc(
+        None, "Alternative to global_batch_size: tokens per step (divided by data.seq_len).")
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -208,7 +210,8 @@ class DeepSpeedExtra:
     reduce_bucket_size: Optional[int] = doc(None, "zero_optimization.reduce_bucket_size (elements)")
     allgather_bucket_size: Optional[int] = doc(None, "zero_optimization.allgather_bucket_size (elements)")
     stage3_prefetch_bucket_size: Optional[int] = doc(None, "zero_optimization.stage3_prefetch_bucket_size")
-    stage3_param_persistence_threshold: Optional[int] = doc(None, "zero_optimization.stage3_param_persistence_threshold")
+    stage3_param_persistence_threshold: Optional[int] = doc(
+        None, "zero_optimization.stage3_param_persistence_threshold")
     communication_data_type: Optional[Literal["fp32", "fp16", "bf16"]] = doc(None, "communication_data_type")
     wall_clock_breakdown: bool = doc(False, "wall_clock_breakdown: DeepSpeed's own forward/backward/step timers.")
     steps_per_print: int = doc(1_000_000, "steps_per_print (llmscale does its own logging).")
@@ -227,7 +230,8 @@ class TrainConfig:
     eval_batches: int = doc(20, "Validation micro-batches per evaluation.")
     tensorboard: bool = doc(True, "Also write TensorBoard event files under RUN_DIR/tb.")
     log_all_ranks: bool = doc(False, "Log from every rank, not only rank 0.")
-    nan_policy: Literal["skip", "raise"] = doc("skip", "On a non-finite loss or grad norm: skip the step on every rank, or stop.")
+    nan_policy: Literal["skip", "raise"] = doc(
+        "skip", "On a non-finite loss or grad norm: skip the step on every rank, or stop.")
     max_bad_steps: int = doc(3, "Roll back to the last checkpoint after this many bad steps in a row (0 = never).")
 
     def validate(self) -> None:

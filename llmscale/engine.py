@@ -28,8 +28,6 @@ step: its ZeRO optimizers' overflow path, or :class:`llmscale.optim.SkippableAda
 """
 from __future__ import annotations
 
-from llmscale.errors import NonFiniteError
-
 import contextlib
 import dataclasses
 import math
@@ -37,16 +35,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmscale.errors import LayoutError, NonFiniteError
 from llmscale.log import get_logger
 from llmscale.optim import SkippableAdamW, StepControl, no_decay_names, param_groups
-from llmscale.errors import LayoutError
 from llmscale.parallel.pipeline import pipeline_param_names, pipeline_pieces
 from llmscale.parallel.plan import BatchPlan, Layout, RunPlan
 from llmscale.parallel.tensor import apply_tensor_parallel
@@ -107,8 +105,8 @@ def build_deepspeed_config(cfg: Any, plan: BatchPlan) -> dict:
         value = getattr(ds_extra, key)
         if value is not None:
             if key.startswith("stage3_") and par.zero_stage != 3:
-                raise LayoutError(f"deepspeed.{key} is set but parallel.zero_stage={par.zero_stage}; it only applies to "
-                                  f"ZeRO-3. Remove deepspeed.{key} or set parallel.zero_stage=3.")
+                raise LayoutError(f"deepspeed.{key} is set but parallel.zero_stage={par.zero_stage}; it only "
+                                  f"applies to ZeRO-3. Remove deepspeed.{key} or set parallel.zero_stage=3.")
             zero[key] = value
     if ds_extra.wall_clock_breakdown and par.pipeline_parallel > 1:
         raise LayoutError(
@@ -167,7 +165,8 @@ class _PipeLoss:
         ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), lm_labels.reshape(-1),
                              ignore_index=-100, reduction="sum")
         n = (lm_labels != -100).sum()
-        nsp = F.cross_entropy(nsp_logits.float(), nsp_labels) if nsp_logits is not None and nsp_labels is not None else 0.0
+        nsp = (F.cross_entropy(nsp_logits.float(), nsp_labels)
+               if nsp_logits is not None and nsp_labels is not None else 0.0)
         if self.sum_mode:
             return ce + nsp * n
         return ce / n.clamp(min=1) + nsp
@@ -422,7 +421,8 @@ class Engine:
             inv.setdefault(full, []).append(ds_name)
 
         def pats(kind: str) -> list[str]:
-            return sorted(f"^{re.escape(d)}$" for full, k in self.tp_kinds.items() if k == kind for d in inv.get(full, []))
+            return sorted(f"^{re.escape(d)}$" for full, k in self.tp_kinds.items() if k == kind
+                          for d in inv.get(full, []))
 
         tied = [f"^{re.escape(d)}$" for d in self._name_map if d.startswith("tied_modules.")]
         return {
@@ -457,7 +457,8 @@ class Engine:
             path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(tag_dir)!r} (layout {self.layout.describe()}).")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(tag_dir)!r} "
+                                    f"(layout {self.layout.describe()}).")
         return dict(client_state or {})
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -538,7 +539,8 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan) -> En
                           f"has {world.world_size}: compute it with llmscale.parallel.plan_run(cfg, world.world_size).")
     layout, batch = plan.layout, plan.batch
     if not dist.is_initialized():
-        raise RuntimeError("build_engine needs the default process group: call llmscale.dist.init_distributed(world) first.")
+        raise RuntimeError("build_engine needs the default process group: "
+                           "call llmscale.dist.init_distributed(world) first.")
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     rank = dist.get_rank()
     layout = layout.for_rank(rank)
@@ -579,8 +581,9 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan) -> En
     ctl.flag_group = None  # world
     groups = param_groups(local_named, cfg.optim, no_decay=no_decay)
     fused = on_cuda
-    optimizer = SkippableAdamW(groups, ctl=ctl, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                       weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {}))
+    optimizer = SkippableAdamW(groups, ctl=ctl, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                               eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                               **({"fused": True} if fused else {}))
     ctl.params = [p for g in groups for p in g["params"]]
     mpu = topo.grid if (topo is not None and layout.pp == 1) else None
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,

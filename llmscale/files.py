@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
@@ -150,5 +151,6 @@ def verify_listed_files(root: str | Path, files: dict[str, dict], *, checksums: 
             digests = dict(zip(to_hash, pool.map(lambda r: sha256_file(root / r), to_hash)))
         for rel in to_hash:
             if digests[rel] != files[rel]["sha256"]:
-                problems.append(f"{root / rel}: sha256 mismatch with the manifest (the file is corrupted or was replaced)")
+                problems.append(f"{root / rel}: sha256 mismatch with the manifest "
+                                f"(the file is corrupted or was replaced)")
     return problems

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, Iterator, Optional, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Optional, TypeVar
 
 _T = TypeVar("_T")
 _ROOT = "llmscale"

@@ -219,7 +219,7 @@ class MetricsLogger:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:

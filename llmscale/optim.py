@@ -12,13 +12,15 @@ clips; the engine (:mod:`llmscale.engine`) builds it and shares a :class:`StepCo
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def _is_norm(m: nn.Module) -> bool:

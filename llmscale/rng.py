@@ -15,8 +15,6 @@ run that was never interrupted.
 """
 from __future__ import annotations
 
-from llmscale.errors import RNGStateError
-
 import json
 import os
 import random
@@ -25,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from llmscale.errors import RNGStateError
 
 RNG_FORMAT = "llmscale-rng-v1"
 
@@ -38,7 +38,8 @@ def capture_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     meta: dict[str, Any] = {
         "format": RNG_FORMAT,
         "python": {"version": py_version, "gauss_next": py_gauss},
-        "numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "cached_gaussian": float(np_cached)},
         "cuda_devices": 0,
     }
     tensors: dict[str, torch.Tensor] = {

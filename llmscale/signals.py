@@ -24,7 +24,8 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 from llmscale.log import get_logger
 
@@ -67,7 +68,7 @@ class Preemption:
             self.install()
 
     # ---------------------------------------------------------------- handlers
-    def install(self) -> "Preemption":
+    def install(self) -> Preemption:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("Preemption handlers can only be installed from the main thread.")
         for s in self.signals:
@@ -82,7 +83,7 @@ class Preemption:
             self._timer.cancel()
             self._timer = None
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,7 +103,8 @@ class Preemption:
             "Send it again to exit immediately.", signal.Signals(signum).name, self.exit_code,
         )
         if self.grace_s is not None:
-            self._timer = threading.Timer(self.grace_s, self._hard_exit, args=(f"grace period of {self.grace_s}s over",))
+            self._timer = threading.Timer(self.grace_s, self._hard_exit,
+                                          args=(f"grace period of {self.grace_s}s over",))
             self._timer.daemon = True
             self._timer.start()
 

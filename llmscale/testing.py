@@ -1,5 +1,5 @@
-"""Helpers for tests only (library code never imports this module): run a function on N real processes (gloo, CPU), or run the
-real CLI under torchrun.
+"""Helpers for tests only (library code never imports this module): run a function on N real processes (gloo, CPU), or
+run the real CLI under torchrun.
 
     def check(rank, world_size, x):      # module-level, so it can be pickled
         ...
@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from llmscale.dist import RankFailure, free_port, run_local_ranks
 
@@ -77,6 +78,7 @@ def run_cli(
     proc = subprocess.run(cmd, env=cpu_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"`{' '.join(cmd)}` exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+            f"`{' '.join(cmd)}` exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-8000:]}"
         )
     return proc

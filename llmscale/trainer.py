@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -107,7 +107,8 @@ class Trainer:
     ``train.max_bad_steps`` skipped (non-finite) steps in a row it rolls the run back to its newest checkpoint.
     ``handle_signals``: install SIGTERM/SIGUSR1 handlers for the duration of :meth:`fit` (main thread only);
     once any rank was signalled, all ranks agree at the next step boundary, save (``force=True``) and
-    return with ``stopped=True`` (the job then exits :data:`llmscale.signals.EXIT_REQUEUE`). ``flops_per_token``: training FLOPs per token, for MFU.
+    return with ``stopped=True`` (the job then exits :data:`llmscale.signals.EXIT_REQUEUE`). ``flops_per_token``:
+    training FLOPs per token, for MFU.
     ``resume_from`` / ``no_resume``: passed to ``checkpoints.resume``."""
 
     def __init__(self, cfg: Any, *, engine: Any, loader: Any, world: Any, metrics: MetricsLogger,
@@ -154,8 +155,8 @@ class Trainer:
         self.metrics.total_steps = total
         self.metrics.begin(self.state.step)
         if self.state.step >= total:
-            log.info("the run is already at step %d of train.steps=%d: nothing to train. Raise train.steps to continue.",
-                     self.state.step, total)
+            log.info("the run is already at step %d of train.steps=%d: nothing to train. Raise train.steps to "
+                     "continue.", self.state.step, total)
         window = _Window()
         guard = None
         if self.checkpoints is not None and cfg.max_bad_steps:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Optional
 
 import torch

@@ -16,6 +16,7 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     import _ckpt_common as C
+
     from llmscale.signals import exit_code_for
 
     run_dir, kw = sys.argv[1], json.loads(sys.argv[2])

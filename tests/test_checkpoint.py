@@ -17,8 +17,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _ckpt_common as C  # noqa: E402
 
-from llmscale.checkpoint import (CheckpointError, CheckpointManager, list_checkpoints, read_latest,  # noqa: E402
-                                 read_manifest, verify_checkpoint)
+from llmscale.checkpoint import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    list_checkpoints,
+    read_latest,
+    read_manifest,
+    verify_checkpoint,
+)
 from llmscale.checkpoint.codec import load_state_files, save_state_files  # noqa: E402
 from llmscale.config import CheckpointConfig  # noqa: E402
 from llmscale.dist import World  # noqa: E402
@@ -142,8 +148,8 @@ def test_resume_from_no_resume_and_convert_command(tmp_path, capsys):
     kw = {"every_steps": 1, "keep_last": 5}
     run_distributed(C.train, 1, args=(str(run), 3), kwargs=kw, timeout=600)
     # an explicit checkpoint wins over the newest one
-    out = run_distributed(C.train, 1, args=(str(run), 4), kwargs={**kw, "resume_from": str(run / "checkpoints" / "step-000001")},
-                          timeout=600)[0]
+    out = run_distributed(C.train, 1, args=(str(run), 4),
+                          kwargs={**kw, "resume_from": str(run / "checkpoints" / "step-000001")}, timeout=600)[0]
     assert out["resumed"] == 1 and out["loader_step"] == 4
     # --no-resume starts over without destroying anything: the old checkpoints are moved aside
     out = run_distributed(C.train, 1, args=(str(run), 2), kwargs={**kw, "resume": False}, timeout=600)[0]
@@ -152,7 +158,8 @@ def test_resume_from_no_resume_and_convert_command(tmp_path, capsys):
     assert len(aside) == 1 and (aside[0] / "step-000004" / "manifest.json").is_file()
     assert [i.step for i in list_checkpoints(run)] == [1, 2]
     with pytest.raises(Exception, match="damaged|neither a checkpoint"):
-        run_distributed(C.train, 1, args=(str(run), 3), kwargs={**kw, "resume_from": str(tmp_path / "nowhere")}, timeout=600)
+        run_distributed(C.train, 1, args=(str(run), 3), kwargs={**kw, "resume_from": str(tmp_path / "nowhere")},
+                        timeout=600)
 
     from llmscale.jobs import ckpt_convert
 
@@ -167,9 +174,11 @@ def test_resume_from_no_resume_and_convert_command(tmp_path, capsys):
 def test_save_schedule_steps_minutes_and_force(tmp_path):
     import time
 
-    m = CheckpointManager(world=World(), run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=5, every_minutes=0.5))
+    m = CheckpointManager(world=World(), run_dir=tmp_path,
+                          checkpoint=CheckpointConfig(every_steps=5, every_minutes=0.5))
     assert [s for s in range(1, 16) if m.should_save(s)] == [5, 10, 15]
     m._last_save_time = time.monotonic() - 31  # half a minute since the last save
     assert m.should_save(7) and m.should_save(7, force=True)
-    off = CheckpointManager(world=World(), run_dir=tmp_path, checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
+    off = CheckpointManager(world=World(), run_dir=tmp_path,
+                            checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
     assert not any(off.should_save(s) for s in range(1, 50)) and off.should_save(3, force=True)

@@ -19,8 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import _ckpt_common as C  # noqa: E402
 
-from llmscale.checkpoint import (CheckpointError, CheckpointManager, list_checkpoints, read_latest,  # noqa: E402
-                                 verify_checkpoint)
+from llmscale.checkpoint import CheckpointError, CheckpointManager, list_checkpoints, read_latest, verify_checkpoint  # noqa: E402
 from llmscale.config import CheckpointConfig  # noqa: E402
 from llmscale.dist import World  # noqa: E402
 from llmscale.testing import cpu_env, free_port, run_distributed  # noqa: E402
@@ -84,7 +83,8 @@ def test_sigkill_at_random_moments_and_during_save_phases(tmp_path):
     run = tmp_path / "run"
     rng = random.Random(1234)
     # deterministic crashes inside a save at each phase, on rank 0 or rank 1 ...
-    phases = [("state", 1), ("engine", 0), ("hashed", 1), ("manifest", 0), ("rename", 0), ("latest", 0), ("retention", 0)]
+    phases = [("state", 1), ("engine", 0), ("hashed", 1), ("manifest", 0), ("rename", 0), ("latest", 0),
+              ("retention", 0)]
     kills, newest = 0, 0
     for phase, rank in phases:
         target = newest + 2
@@ -156,7 +156,8 @@ def test_damaged_newest_falls_back_loudly(two_checkpoints, tmp_path, damage, cap
     shutil.copytree(two_checkpoints, run)
     new = run / "checkpoints" / "step-000004"
     bad = {"truncated": new / OPT0, "flipped": new / "state" / "rank-00001.safetensors",
-           "missing_manifest": new / "manifest.json", "planted_file": new / "model" / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+           "missing_manifest": new / "manifest.json",
+           "planted_file": new / "model" / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
            "missing_file": new / MODEL}[damage]
     if damage == "truncated":
         bad.write_bytes(bad.read_bytes()[:100])
@@ -246,7 +247,8 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
         assert "previous checkpoint is untouched" in err and "step-000001" in err
         run = mnt / "run"
         (run / "ballast").unlink()
-        assert [i.step for i in list_checkpoints(run)] == [1] and verify_checkpoint(run / "checkpoints" / "step-000001") == []
+        assert [i.step for i in list_checkpoints(run)] == [1] and verify_checkpoint(
+            run / "checkpoints" / "step-000001") == []
         assert read_latest(run) == "step-000001"
         assert not (run / "checkpoints" / ".tmp-step-000002").exists()
     finally:
@@ -291,13 +293,9 @@ def test_signal_on_one_rank_saves_on_all_and_exits_75(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt_data(tmp_path_factory, corpus_path):
-    from llmscale.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("faults-data") / "ds"
-    prepare_dataset([corpus_path], out, vocab_size=512, format="gpt", seq_len=64, val_fraction=0.05,
-                    doc_split="paragraph", num_proc=1)
-    return out
+def gpt_data(tiny_gpt_dataset):
+    """conftest's tiny GPT dataset (vocab 512, seq_len 64, 5% val, paragraphs); training only reads it."""
+    return tiny_gpt_dataset
 
 
 def _train_cmd(data: Path, run_dir: Path, steps: int) -> list[str]:
@@ -316,7 +314,8 @@ def test_sigkill_real_train_resumes_to_the_same_weights(gpt_data, tmp_path):
 
     steps = 30
     ref = tmp_path / "ref"
-    assert subprocess.run(_train_cmd(gpt_data, ref, steps), env=cpu_env(), capture_output=True, timeout=600).returncode == 0
+    assert subprocess.run(_train_cmd(gpt_data, ref, steps), env=cpu_env(), capture_output=True,
+                          timeout=600).returncode == 0
     run = tmp_path / "run"
     rng = random.Random(7)
     for i in range(3):

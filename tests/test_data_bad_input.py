@@ -75,7 +75,8 @@ def test_invalid_utf8_is_replaced_nul_removed_binary_skipped(tmp_path, tok):
     rnd = bytes((i * 7919 + 13) % 256 for i in range(8000))  # mostly invalid UTF-8
     (tmp_path / "binary.txt").write_bytes(rnd.replace(b"\n", b"x"))
     st = ReadStats()
-    docs = [t for _, t in iter_documents([tmp_path / "bad.txt", tmp_path / "binary.txt"], doc_split="paragraph", stats=st)]
+    docs = [t for _, t in iter_documents([tmp_path / "bad.txt", tmp_path / "binary.txt"], doc_split="paragraph",
+                                         stats=st)]
     assert docs == ["caf\ufffd ok\ufffd\ufffd\n", "nulhere\n", "clean paragraph\n"]
     assert dict(st.repaired) == {"invalid_utf8_replaced": 1, "nul_removed": 1}
     assert dict(st.skipped) == {"binary_or_wrong_encoding": 1}

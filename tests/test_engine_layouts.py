@@ -36,7 +36,8 @@ def cfg(parallel=None, model=None, deepspeed=None, train=None, seq_len=32) -> Ru
         ({"micro_batch_size": 3}, 2, (3, 1, 6, 2)),
         ({}, 1, (8, 1, 8, 1)),  # none given: micro-batch 8
         # tp x pp shrink the data-parallel size: dp = 8 / (2*2) = 2
-        ({"micro_batch_size": 2, "global_batch_size": 16, "tensor_parallel": 2, "pipeline_parallel": 2}, 8, (2, 4, 16, 2)),
+        ({"micro_batch_size": 2, "global_batch_size": 16, "tensor_parallel": 2, "pipeline_parallel": 2}, 8,
+         (2, 4, 16, 2)),
     ],
 )
 def test_solve_batch_triad(given, world, expect):
@@ -46,12 +47,15 @@ def test_solve_batch_triad(given, world, expect):
 
 
 def test_triad_inconsistent_three_values():
-    with pytest.raises(LayoutError, match=r"global_batch_size=30 but micro_batch_size\*grad_accum_steps\*data_parallel = 4\*2\*4 = 32"):
-        solve_batch(cfg({"micro_batch_size": 4, "grad_accum_steps": 2, "global_batch_size": 30}).parallel, world_size=4, seq_len=32)
+    with pytest.raises(LayoutError, match=r"global_batch_size=30 but micro_batch_size\*grad_accum_steps\*data_parallel"
+                                          r" = 4\*2\*4 = 32"):
+        solve_batch(cfg({"micro_batch_size": 4, "grad_accum_steps": 2, "global_batch_size": 30}).parallel, world_size=4,
+                    seq_len=32)
 
 
 def test_global_batch_not_divisible_by_micro_times_dp():
-    with pytest.raises(LayoutError, match=r"global_batch_size=10 is not divisible by micro_batch_size\*data_parallel = 2\*4 = 8.*Use parallel\.global_batch_size=8"):
+    with pytest.raises(LayoutError, match=r"global_batch_size=10 is not divisible by micro_batch_size\*data_parallel"
+                                          r" = 2\*4 = 8.*Use parallel\.global_batch_size=8"):
         solve_batch(cfg({"micro_batch_size": 2, "global_batch_size": 10}).parallel, world_size=4, seq_len=32)
 
 
@@ -62,17 +66,21 @@ def test_global_batch_not_divisible_suggests_micro_batch():
 
 
 def test_global_batch_not_divisible_by_accumulation_times_dp():
-    with pytest.raises(LayoutError, match=r"not divisible by grad_accum_steps\*data_parallel = 3\*2 = 6.*grad_accum_steps=2"):
+    with pytest.raises(LayoutError,
+                       match=r"not divisible by grad_accum_steps\*data_parallel = 3\*2 = 6.*grad_accum_steps=2"):
         solve_batch(cfg({"grad_accum_steps": 3, "global_batch_size": 8}).parallel, world_size=2, seq_len=32)
 
 
 def test_global_batch_tokens_not_multiple_of_seq_len():
-    with pytest.raises(LayoutError, match=r"global_batch_tokens=1000 is not a multiple of data\.seq_len=32; use parallel\.global_batch_tokens=992 or 1024"):
+    with pytest.raises(LayoutError, match=r"global_batch_tokens=1000 is not a multiple of data\.seq_len=32; "
+                                          r"use parallel\.global_batch_tokens=992 or 1024"):
         solve_batch(cfg({"global_batch_tokens": 1000, "micro_batch_size": 1}).parallel, world_size=1, seq_len=32)
 
 
 def test_world_not_divisible_by_tp_times_pp():
-    with pytest.raises(LayoutError, match=r"world size 6 is not divisible by tensor_parallel\*pipeline_parallel = 2\*2 = 4.*Use e\.g\. parallel\.tensor_parallel=2 parallel\.pipeline_parallel=1"):
+    with pytest.raises(LayoutError,
+                       match=r"world size 6 is not divisible by tensor_parallel\*pipeline_parallel = 2\*2 = 4"
+                             r".*Use e\.g\. parallel\.tensor_parallel=2 parallel\.pipeline_parallel=1"):
         solve_batch(cfg({"tensor_parallel": 2, "pipeline_parallel": 2}).parallel, world_size=6, seq_len=32)
 
 
@@ -86,13 +94,15 @@ def test_size_and_tokens_together_is_a_config_error():
 
 def test_pipeline_with_zero2_refused_with_alternative():
     for stage in (2, 3):
-        with pytest.raises(LayoutError, match=rf"zero_stage={stage} cannot be combined with pipeline_parallel=2.*Use parallel\.zero_stage=1"):
+        with pytest.raises(LayoutError, match=rf"zero_stage={stage} cannot be combined with pipeline_parallel=2"
+                                              r".*Use parallel\.zero_stage=1"):
             check_layout(cfg({"pipeline_parallel": 2, "zero_stage": stage, "micro_batch_size": 1}), 2)
 
 
 def test_heads_not_divisible_by_tp():
     c = cfg({"tensor_parallel": 4, "micro_batch_size": 1}, model={"n_heads": 6, "d_model": 48})
-    with pytest.raises(LayoutError, match=r"tensor_parallel=4 does not divide model\.n_heads=6.*Use parallel\.tensor_parallel=2"):
+    with pytest.raises(LayoutError,
+                       match=r"tensor_parallel=4 does not divide model\.n_heads=6.*Use parallel\.tensor_parallel=2"):
         check_layout(c, 4)
 
 
@@ -104,7 +114,8 @@ def test_kv_heads_not_divisible_by_tp():
 
 def test_d_ff_not_divisible_by_tp():
     c = cfg({"tensor_parallel": 2, "micro_batch_size": 1}, model={"d_ff": 171})
-    with pytest.raises(LayoutError, match=r"model\.d_ff=171.*Use parallel\.tensor_parallel=1 \(no tensor parallelism\)"):
+    with pytest.raises(LayoutError,
+                       match=r"model\.d_ff=171.*Use parallel\.tensor_parallel=1 \(no tensor parallelism\)"):
         check_layout(c, 2)
 
 
@@ -195,5 +206,6 @@ def test_pipeline_partition_in_config():
 
 def test_wall_clock_breakdown_with_pipeline_refused():
     c = cfg({"pipeline_parallel": 2, "micro_batch_size": 1}, deepspeed={"wall_clock_breakdown": True})
-    with pytest.raises(LayoutError, match=r"wall_clock_breakdown=true fails with pipeline_parallel>1.*Set deepspeed\.wall_clock_breakdown=false"):
+    with pytest.raises(LayoutError, match=r"wall_clock_breakdown=true fails with pipeline_parallel>1"
+                                          r".*Set deepspeed\.wall_clock_breakdown=false"):
         build_deepspeed_config(c, solve_batch(c.parallel, world_size=2, seq_len=32))

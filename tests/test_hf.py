@@ -17,7 +17,13 @@ from llmscale.data.hf_tokenizer import write_hf_tokenizer
 from llmscale.data.tokenizer import Tokenizer, train_tokenizer
 from llmscale.models import build_model
 from llmscale.models.hf import (
-    ExportError, export_model, hf_architecture, hf_config, import_hf_folder, load_model_folder, read_hf_weights,
+    ExportError,
+    export_model,
+    hf_architecture,
+    hf_config,
+    import_hf_folder,
+    load_model_folder,
+    read_hf_weights,
 )
 from llmscale.testing import run_cli
 
@@ -89,7 +95,8 @@ def test_bert_tokenizer_wraps_with_cls_sep(tok_dir, tmp_path):
     assert enc["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
     assert hf.decode(enc["input_ids"], skip_special_tokens=True) == "To be, or notto be"
     # transformers' convention for BERT: "<mask>" in the text is the mask id (fill-mask works) ...
-    assert hf("to <mask> or", add_special_tokens=False)["input_ids"] == tok.encode("to ") + [tok.mask_id] + tok.encode(" or")
+    assert hf("to <mask> or", add_special_tokens=False)["input_ids"] == (
+        tok.encode("to ") + [tok.mask_id] + tok.encode(" or"))
     # ... and llmscale's spelling of that text is one switch away
     hf.split_special_tokens = True
     assert hf("to <mask> or", add_special_tokens=False)["input_ids"] == tok.encode("to <mask> or")
@@ -220,7 +227,8 @@ def test_model_folder_round_trip_is_bitwise(name, exported, tmp_path):
     assert json.loads((again / "llmscale_config.json").read_text()) == dataclasses.asdict(model.config)
     a, b = read_hf_weights(folder), read_hf_weights(again)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert (again / "tokenizer" / "tokenizer.model").read_bytes() == (folder / "tokenizer" / "tokenizer.model").read_bytes()
+    assert (again / "tokenizer" / "tokenizer.model").read_bytes() == (
+        folder / "tokenizer" / "tokenizer.model").read_bytes()
 
 
 def _hf_native(kind: str, out: Path) -> Path:
@@ -234,7 +242,8 @@ def _hf_native(kind: str, out: Path) -> Path:
     elif kind == "llama":
         m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                          num_key_value_heads=2, intermediate_size=40, vocab_size=300,
-                                         max_position_embeddings=48, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}))
+                                         max_position_embeddings=48,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0}))
     else:
         m = BertForPreTraining(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                           intermediate_size=64, vocab_size=300, max_position_embeddings=48))
@@ -283,8 +292,8 @@ def test_import_reads_hub_style_gpt2_names(tmp_path):
 
 def test_export_and_generate_from_a_finished_run_dir(tok_dir, tmp_path):
     """A run directory as `llmscale train` leaves it: config.yaml + final/model.pt + tokenizer/."""
-    from llmscale.config import RunConfig, save_resolved
     from llmscale.artifacts import load_model
+    from llmscale.config import RunConfig, save_resolved
     from llmscale.models.generate import generate_text
 
     model = _random_model(FAMILIES["llama-gqa"])
@@ -309,7 +318,8 @@ def test_parameter_counts_match_transformers_for_full_size_presets():
     """Meta-device models: no memory, only shapes. HF config built from our ModelConfig, counts compared."""
     from transformers import BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM
 
-    classes = {"GPT2LMHeadModel": GPT2LMHeadModel, "LlamaForCausalLM": LlamaForCausalLM, "BertForMaskedLM": BertForMaskedLM}
+    classes = {"GPT2LMHeadModel": GPT2LMHeadModel, "LlamaForCausalLM": LlamaForCausalLM,
+               "BertForMaskedLM": BertForMaskedLM}
     counts = {}
     for preset, vocab in (("gpt2-124m", 50257), ("bert-base", 30522), ("llama-1b", 32000)):
         with torch.device("meta"):
@@ -329,7 +339,8 @@ def test_parameter_counts_match_transformers_for_full_size_presets():
 
 
 @pytest.mark.parametrize("raw, words", [
-    (dict(preset="gpt-tiny", activation="swiglu"), ["GPT2LMHeadModel", "activation='swiglu'", "LlamaForCausalLM", "position='learned'"]),
+    (dict(preset="gpt-tiny", activation="swiglu"),
+     ["GPT2LMHeadModel", "activation='swiglu'", "LlamaForCausalLM", "position='learned'"]),
     (dict(preset="gpt-tiny", bias=False, tie_embeddings=False), ["GPT2LMHeadModel", "bias=False"]),
     (dict(preset="gpt-tiny", n_kv_heads=2), ["n_kv_heads=2", "grouped-query"]),
     (dict(preset="llama-tiny", norm="layernorm"), ["norm='layernorm'", "rmsnorm"]),

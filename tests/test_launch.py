@@ -137,8 +137,8 @@ def test_accelerate_config_launches_two_ranks(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     p = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate_config.yaml"),
-         str(script)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "launch" / "accelerate_config.yaml"), str(script)],
         env=cpu_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]

@@ -64,9 +64,9 @@ def test_char_gpt_reaches_nanogpt_baseline(tmp_path, corpus_path):
 
 @pytest.mark.slow
 def test_bert_masked_lm_beats_unigram_baseline(tmp_path, tiny_bert_dataset):
+    from llmscale.artifacts import load_model
     from llmscale.data.loader import build_loader
     from llmscale.data.shards import open_shard, read_manifest
-    from llmscale.artifacts import load_model
 
     data = tiny_bert_dataset  # vocab 512, seq_len 64, paragraphs, 5% val (conftest)
     m = read_manifest(data)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmscale.config import ConfigError, DataConfig, BlendEntry
+from llmscale.config import BlendEntry, ConfigError, DataConfig
 from llmscale.data.collate import IGNORE
 from llmscale.data.loader import build_loader
 from llmscale.data.shards import DatasetError, ShardWriter, token_dtype_for, write_manifest
@@ -342,8 +342,8 @@ def test_prefetch_and_evaluation_interleaved_change_nothing(bert_ds):
 
 
 def test_blend_respects_weights_and_reads_each_dataset_epoch_by_epoch(tmp_path):
-    a = make_dataset(tmp_path / "a", docs=60, start=FIRST)
-    b = make_dataset(tmp_path / "b", docs=40, start=500_000, seed=1)
+    make_dataset(tmp_path / "a", docs=60, start=FIRST)
+    make_dataset(tmp_path / "b", docs=40, start=500_000, seed=1)
     cfg = DataConfig(blend=[BlendEntry(str(tmp_path / "a"), 3.0), BlendEntry(str(tmp_path / "b"), 1.0)], seq_len=16)
     ld = build_loader(cfg, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=8)
     Sa = ld.splits[0].num_samples
@@ -376,7 +376,8 @@ def test_blend_of_different_tokenizers_is_refused(tmp_path):
 
 def test_clear_errors(gpt_ds, bert_ds, tmp_path):
     root, _ = gpt_ds
-    with pytest.raises(ConfigError, match=r"not divisible by dp_size\*micro_batch_size=2\*4=8; use global_batch_size 8 or 16"):
+    with pytest.raises(ConfigError,
+                       match=r"not divisible by dp_size\*micro_batch_size=2\*4=8; use global_batch_size 8 or 16"):
         loader(root, gbs=12, mbs=4, world=2)
     with pytest.raises(DatasetError, match="llmscale prepare --format bert"):
         loader(root, format="bert")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_loader import make_dataset
 
 from llmscale.config import DataConfig
 from llmscale.data.loader import build_loader
 from llmscale.testing import run_distributed
-from test_loader import make_dataset
 
 GBS, STEPS, RESUME_AT = 8, 3, 5
 

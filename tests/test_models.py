@@ -39,7 +39,8 @@ BERT_VARIANTS = {
     "post-nsp": dict(family="bert", norm_position="post", nsp_head=True),
     "swiglu-rms-nobias-nsp": dict(family="bert", activation="swiglu", norm="rmsnorm", bias=False, nsp_head=True),
 }
-LSTM_VARIANTS = {"lstm": dict(family="lstm"), "lstm-untied-nobias": dict(family="lstm", tie_embeddings=False, bias=False)}
+LSTM_VARIANTS = {"lstm": dict(family="lstm"),
+                 "lstm-untied-nobias": dict(family="lstm", tie_embeddings=False, bias=False)}
 ALL = {**GPT_VARIANTS, **BERT_VARIANTS, **LSTM_VARIANTS}
 
 
@@ -140,7 +141,7 @@ def test_tiny_model_overfits_one_batch(name):
     else:
         inputs, labels = ids[:, :-1], ids[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for step in range(300):
+    for step in range(300):  # noqa: B007 - reported in the assertion message
         loss = model(inputs, labels=labels, **kw).loss
         opt.zero_grad()
         loss.backward()
@@ -206,7 +207,8 @@ def test_flops_per_token_formula():
         head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
         if cfg.family == "lstm":
             linear += sum(p.numel() for n, p in model.lstm.named_parameters() if n.startswith("weight"))
-        nsp = sum(m.weight.numel() for m in model.nsp_head.modules() if isinstance(m, nn.Linear)) / T if cfg.nsp_head else 0
+        nsp = (sum(m.weight.numel() for m in model.nsp_head.modules() if isinstance(m, nn.Linear)) / T
+               if cfg.nsp_head else 0)
         attn = 0 if cfg.family == "lstm" else 12 * cfg.n_layers * cfg.d_model * T
         assert model.flops_per_token(T) == pytest.approx(6 * (linear + head + nsp) + attn, rel=1e-12), name
     # gpt2-124m at T=1024: 6 * (85.0M matmul + 38.6M head) + 12*12*768*1024 (the familiar ~0.85 GFLOP/token)
@@ -385,7 +387,8 @@ def test_bench_model_reports_throughput(tmp_path):
     assert [r["preset"] for r in res["results"]] == ["gpt-tiny", "bert-tiny-cpu"]
     for r in res["results"]:
         assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 64 and r["mfu"] is None
-        assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12, rel=1e-2, abs=1e-4)
+        assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12, rel=1e-2,
+                                                     abs=1e-4)
         assert math.isfinite(r["loss"])
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and bench.peak_tflops("NVIDIA H200") == 989.4

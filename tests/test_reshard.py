@@ -47,13 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def gpt_data(tmp_path_factory, corpus_path):
-    from llmscale.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("reshard-data") / "ds"
-    prepare_dataset([corpus_path], out, vocab_size=512, format="gpt", seq_len=64, val_fraction=0.05,
-                    doc_split="paragraph", num_proc=1)
-    return out
+def gpt_data(tiny_gpt_dataset):
+    """conftest's tiny GPT dataset (vocab 512, seq_len 64, 5% val, paragraphs); training only reads it."""
+    return tiny_gpt_dataset
 
 
 def _train(data: Path, run_dir: Path, steps: int, *, nproc: int = 1, final: bool = False, **extra):

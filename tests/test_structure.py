@@ -32,7 +32,8 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("llmscale")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmscale") and node.level == 0:
+        elif (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmscale")
+              and node.level == 0):
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES}
     return {m for m in found if m in MODULES}

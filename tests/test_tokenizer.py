@@ -80,7 +80,8 @@ def test_whitespace_is_kept_not_normalised(bpe):
 
 
 def test_special_ids_and_byte_pieces(bpe):
-    assert (bpe.pad_id, bpe.unk_id, bpe.bos_id, bpe.eos_id, bpe.cls_id, bpe.sep_id, bpe.mask_id) == (0, 1, 2, 3, 4, 5, 6)
+    assert (bpe.pad_id, bpe.unk_id, bpe.bos_id, bpe.eos_id, bpe.cls_id, bpe.sep_id, bpe.mask_id) == (
+        0, 1, 2, 3, 4, 5, 6)
     assert [bpe.id_to_piece(i) for i in range(7)] == ["<pad>", "<unk>", "<s>", "</s>", "<cls>", "<sep>", "<mask>"]
     assert bpe.id_to_piece(NUM_SPECIAL) == "<0x00>" and bpe.id_to_piece(NUM_SPECIAL + 255) == "<0xFF>"
     # special token strings in text are plain text, never the special ids
@@ -150,7 +151,8 @@ def test_chinese_and_english(tmp_path, shared_data):
     src = tmp_path / "mixed.txt"
     english = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:100_000]
     src.write_text(novel + "\n\n" + english, encoding="utf-8")
-    with pytest.raises(TokenizerError, match=r"too small for this corpus.*Pass --vocab-size \d+ or more.*character-coverage"):
+    with pytest.raises(TokenizerError,
+                       match=r"too small for this corpus.*Pass --vocab-size \d+ or more.*character-coverage"):
         train_tokenizer([src], tmp_path / "small", vocab_size=1000)
     tok = train_tokenizer([src], tmp_path / "zh", vocab_size=2048, character_coverage=0.98)
     sample = novel[5000:7000].replace("\r\n", "\n")

@@ -30,13 +30,9 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def gpt_data(tmp_path_factory, corpus_path):
-    from llmscale.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("gptdata") / "ds"
-    prepare_dataset([corpus_path], out, vocab_size=512, format="gpt", seq_len=64, val_fraction=0.05,
-                    doc_split="paragraph", num_proc=1)
-    return out
+def gpt_data(tiny_gpt_dataset):
+    """conftest's tiny GPT dataset (vocab 512, seq_len 64, 5% val, paragraphs); training only reads it."""
+    return tiny_gpt_dataset
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +101,8 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
     assert resolved["model"]["vocab_size"] == manifest["tokenizer"]["vocab_size"]
     assert resolved["train"]["steps"] == 40 and resolved["parallel"]["zero_stage"] == 1
     load_config(RunConfig, run_dir / "config.yaml")
-    assert json.loads((run_dir / "tokenizer" / "tokenizer_meta.json").read_text())["hash"] == manifest["tokenizer"]["hash"]
+    assert (json.loads((run_dir / "tokenizer" / "tokenizer_meta.json").read_text())["hash"]
+            == manifest["tokenizer"]["hash"])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "final" / "model.pt").is_file()
 
@@ -121,11 +118,11 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
     # the final weights reproduce the last validation loss outside DeepSpeed
     import torch
 
-    from llmscale.data.loader import build_loader
     from llmscale.artifacts import load_model
+    from llmscale.data.loader import build_loader
 
     lm = load_model(run_dir)
-    model, tok, cfg = lm.model, lm.tokenizer, lm.run_config
+    model, cfg = lm.model, lm.run_config
     loader = build_loader(cfg.data, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=16)
     total, n = 0.0, 0
     with torch.no_grad():
@@ -143,8 +140,8 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
 
 
 def test_vocab_and_tokenizer_mismatch_refused(gpt_data, other_tok_data, tmp_path):
-    from llmscale.data.tokenizer import TokenizerError
     from llmscale.data.checks import check_datasets
+    from llmscale.data.tokenizer import TokenizerError
 
     vocab = json.loads((gpt_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     # model.vocab_size that disagrees with the dataset's tokenizer: refused, naming both and the fix
@@ -205,8 +202,8 @@ def test_bert_trains_with_nsp(tmp_path, corpus_path):
     # the trained model has an NSP head that was used: its logits depend on the input
     import torch
 
-    from llmscale.data.loader import build_loader
     from llmscale.artifacts import load_model
+    from llmscale.data.loader import build_loader
 
     lm = load_model(run_dir)
     model, tok, cfg = lm.model, lm.tokenizer, lm.run_config

@@ -20,8 +20,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -30,7 +31,8 @@ from llmscale.log import get_logger
 log = get_logger(__name__)
 
 BUNDLED = Path(__file__).resolve().parents[1] / "corpus" / "tinyshakespeare.txt"
-TARGETS = {"prepare_vs_raw_encode": 0.80, "loader_vs_raw_read": 0.25, "loader_tokens_per_s": 10e6, "open_100_shards_s": 1.0}
+TARGETS = {"prepare_vs_raw_encode": 0.80, "loader_vs_raw_read": 0.25, "loader_tokens_per_s": 10e6,
+           "open_100_shards_s": 1.0}
 
 
 def _best(fn, *, rounds: int) -> float:
@@ -206,11 +208,11 @@ def bench_bert_loader(inputs: Sequence[Path], workdir: Path, tokenizer: Path, *,
     from llmscale.config import DataConfig
     from llmscale.data.loader import build_loader
     from llmscale.data.prepare import prepare_dataset
-
     from llmscale.data.sources import resolve_inputs
 
     out = workdir / "dataset-bert"
-    prepare_dataset(resolve_inputs(inputs)[:1], out, tokenizer=tokenizer, format="bert", seq_len=seq_len, overwrite=True)
+    prepare_dataset(resolve_inputs(inputs)[:1], out, tokenizer=tokenizer, format="bert", seq_len=seq_len,
+                    overwrite=True)
     res = {"seq_len": seq_len, "micro_batch": micro_batch, "global_batch": global_batch}
     for nsp in (False, True):
         ld = build_loader(DataConfig(path=str(out), format="bert", seq_len=seq_len, nsp=nsp), dp_rank=0, dp_size=1,
@@ -252,7 +254,8 @@ def run(*, inputs: Optional[Sequence[str]], num_proc: Optional[int], target_mb: 
     wd.mkdir(parents=True, exist_ok=True)
     try:
         files = [Path(p) for p in inputs] if inputs else _replicate_bundled(wd, target_mb)
-        log.info("bench data: prepare on %s (%d proc)", "given inputs" if inputs else f"{len(files)} copies of the bundled corpus", num_proc)
+        log.info("bench data: prepare on %s (%d proc)",
+                 "given inputs" if inputs else f"{len(files)} copies of the bundled corpus", num_proc)
         prep_res, dataset = bench_prepare(files, wd, num_proc=num_proc, vocab_size=vocab_size, seq_len=seq_len,
                                           rounds=rounds)
         log.info("bench data: loader")

@@ -19,7 +19,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -128,7 +129,8 @@ def bench_preset(
         "params_non_embedding": model.num_params(exclude_embeddings=True), "vocab_size": vocab,
         "seq_len": seq_len, "batch": batch, "tokens_per_step": tokens, "steps": steps, "warmup": warmup,
         "step_time_s_median": round(step_s, 6), "step_time_s_all": [round(t, 6) for t in times],
-        "tokens_per_s": round(tok_s, 1), "tokens_per_s_best_step": round(tokens / min(times), 1), "flops_per_token": fpt, "achieved_tflops": round(tflops, 4),
+        "tokens_per_s": round(tok_s, 1), "tokens_per_s_best_step": round(tokens / min(times), 1),
+        "flops_per_token": fpt, "achieved_tflops": round(tflops, 4),
         "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None, "loss": round(loss, 4),
         "activation_checkpointing": activation_checkpointing, "compile": compile,
     }
@@ -136,7 +138,7 @@ def bench_preset(
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     log.info("%s: %.0f tokens/s, %.3f TFLOP/s%s", preset, tok_s, tflops,
              f", MFU {tflops / peak:.1%}" if peak else "")
-    del model, fwd, data
+    model = fwd = data = None  # free the weights and batch (step() holds them too) before the next preset
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -161,7 +163,8 @@ def run(
 
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device))
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available())
+                       else ("cpu" if device == "auto" else device))
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS

@@ -128,8 +128,8 @@ def _plain_step(model, opt, micro_batches: list[dict], *, clip: float, lr: float
 def _cpu_worker(rank: int, world_size: int, cfg_dict: dict, steps: int, warmup: int, with_plain: bool) -> dict:
     import torch
 
-    from llmscale.optim import lr_at, no_decay_names, param_groups
     from llmscale.models import build_model
+    from llmscale.optim import lr_at, no_decay_names, param_groups
 
     cfg, plan, _, engine = _build(cfg_dict, world_size)
     loader = _loader(cfg, engine, plan)
@@ -296,8 +296,8 @@ def _gpu_entry(queue: Any, port: int, cfg: dict, steps: int, warmup: int) -> Non
 def run_gpu(*, steps: int, warmup: int = 3) -> list[dict]:
     import multiprocessing as mp
 
-    from llmscale.models.presets import REFERENCE_VOCAB
     from llmscale.dist import free_port
+    from llmscale.models.presets import REFERENCE_VOCAB
 
     out = []
     ctx = mp.get_context("spawn")
@@ -324,7 +324,8 @@ def run_gpu(*, steps: int, warmup: int = 3) -> list[dict]:
 
 def run(*, presets: list[str], nprocs: list[int], steps: int = 30, warmup: int = 5, gpu_steps: int = 20,
         skip_gpu: bool = False) -> dict:
-    """The whole benchmark: CPU presets on each process count in ``nprocs``, then (unless ``skip_gpu``) the GPU models."""
+    """The whole benchmark: CPU presets on each process count in ``nprocs``, then (unless ``skip_gpu``) the GPU
+    models."""
     import torch
 
     t0 = time.time()

@@ -15,9 +15,20 @@ counting bad steps (:class:`llmscale.trainer.BadStepGuard`), the run directory's
 (:mod:`llmscale.artifacts`).
 """
 from llmscale.checkpoint.manager import CheckpointManager, layout_dict
-from llmscale.checkpoint.store import (CHECKPOINTS, MANIFEST, CheckpointInfo, checkpoints_dir, latest_complete,
-                                           list_checkpoints, parse_step, read_latest, read_manifest,
-                                           resolve_checkpoint, step_name, verify_checkpoint)
+from llmscale.checkpoint.store import (
+                                           CHECKPOINTS,
+                                           MANIFEST,
+                                           CheckpointInfo,
+                                           checkpoints_dir,
+                                           latest_complete,
+                                           list_checkpoints,
+                                           parse_step,
+                                           read_latest,
+                                           read_manifest,
+                                           resolve_checkpoint,
+                                           step_name,
+                                           verify_checkpoint,
+)
 from llmscale.checkpoint.universal import convert_to_universal, needs_universal
 from llmscale.errors import CheckpointError
 

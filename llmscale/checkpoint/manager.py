@@ -33,16 +33,38 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from llmscale import dist as ldist
 from llmscale.checkpoint import codec
-from llmscale.checkpoint.store import (CHECKPOINTS, CONFIG_FILE, ENGINE_DIR, FORMAT_NAME, FORMAT_VERSION, LATEST,
-                                           MANIFEST, STATE_DIR, TMP_PREFIX, TRASH_PREFIX, UNIVERSAL_DIR,
-                                           CheckpointInfo, children, clean_stale, latest_complete, list_checkpoints,
-                                           parse_step, read_latest, read_manifest, remove_folder, retention_victims,
-                                           set_aside_corrupt, step_name, verify_checkpoint)
+from llmscale.checkpoint.store import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    ENGINE_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    STATE_DIR,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    UNIVERSAL_DIR,
+    CheckpointInfo,
+    children,
+    clean_stale,
+    latest_complete,
+    list_checkpoints,
+    parse_step,
+    read_latest,
+    read_manifest,
+    remove_folder,
+    retention_victims,
+    set_aside_corrupt,
+    step_name,
+    verify_checkpoint,
+)
 from llmscale.checkpoint.universal import convert_to_universal, needs_universal, universal_view
 from llmscale.errors import CheckpointError
 from llmscale.files import atomic_write_text, fsync_dir, hash_files, relative_files
@@ -85,7 +107,8 @@ class CheckpointManager:
         self.world = world
         self.rank, self.world_size = int(world.rank), int(world.world_size)
         self.run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
-        self.ckpt_cfg = checkpoint if checkpoint is not None else (cfg.checkpoint if cfg is not None else CheckpointConfig())
+        self.ckpt_cfg = checkpoint if checkpoint is not None else (
+            cfg.checkpoint if cfg is not None else CheckpointConfig())
         self.dir = self.run_dir / CHECKPOINTS
         self.tokenizer_hash = tokenizer_hash if tokenizer_hash is not None else self._run_tokenizer_hash()
         self._last_save_time = time.monotonic()
@@ -224,7 +247,8 @@ class CheckpointManager:
         if rank == 0:
             total = sum(v["size"] for v in files.values())
             dt = time.perf_counter() - t0
-            log.info("checkpoint %s saved: %.1f MB in %.2fs (%.2f GB/s)", name, total / 1e6, dt, total / 1e9 / max(dt, 1e-9))
+            log.info("checkpoint %s saved: %.1f MB in %.2fs (%.2f GB/s)", name, total / 1e6, dt,
+                     total / 1e9 / max(dt, 1e-9))
         return final
 
     def _apply_retention(self, step: int) -> None:
@@ -267,7 +291,8 @@ class CheckpointManager:
             problems = self._verify_collective(info.path)
             if not problems:
                 if failures:
-                    log.warning("resuming from %s, an OLDER checkpoint, because newer ones are damaged (see above)", info.name)
+                    log.warning("resuming from %s, an OLDER checkpoint, because newer ones are damaged (see above)",
+                                info.name)
                 return info.path
             failures.append((info, problems))
             log.error("CHECKPOINT %s IS DAMAGED and will not be loaded:\n  %s", info.path, "\n  ".join(problems[:10]))
@@ -309,8 +334,8 @@ class CheckpointManager:
             return p
         info = latest_complete(p)
         if info is None:
-            raise CheckpointError(f"--resume-from {p}: neither a checkpoint (no {MANIFEST}) nor a run/checkpoints folder "
-                                  f"holding one. `llmscale ckpt list {p}` shows what is there.")
+            raise CheckpointError(f"--resume-from {p}: neither a checkpoint (no {MANIFEST}) nor a run/checkpoints "
+                                  f"folder holding one. `llmscale ckpt list {p}` shows what is there.")
         return info.path
 
     def load(self, ckpt: str | Path, engine: Any, stateful: dict[str, Any], *, verified: bool = False,

@@ -124,8 +124,8 @@ def read_latest(run_or_ckpt_dir: str | Path) -> Optional[str]:
     except OSError:
         return None
     if parse_step(text) is None:
-        log.warning("%s holds %r, not a checkpoint name: ignored (the newest complete checkpoint is found by scanning).",
-                    p, text[:80])
+        log.warning("%s holds %r, not a checkpoint name: ignored (the newest complete checkpoint is found by "
+                    "scanning).", p, text[:80])
         return None
     return text
 

@@ -68,7 +68,8 @@ def convert_to_universal(ckpt: str | Path, *, workers: int = 1) -> Path:
     (ckpt / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer; llmscale uses explicit folders
     os.replace(tmp, final)
     fsync_dir(ckpt)
-    m["files"].update({f"{UNIVERSAL_DIR}/{k}": v for k, v in hash_files(final, relative_files(final), fsync=True).items()})
+    m["files"].update({f"{UNIVERSAL_DIR}/{k}": v
+                       for k, v in hash_files(final, relative_files(final), fsync=True).items()})
     m["universal"] = UNIVERSAL_DIR
     atomic_write_text(ckpt / MANIFEST, json.dumps(m, indent=1, sort_keys=True))
     log.info("converted %s to the universal format in %.1fs", ckpt.name, time.perf_counter() - t0)

@@ -8,5 +8,6 @@ def path(name: str) -> Path:
     """The shipped config ``name`` (e.g. "quickstart.yaml")."""
     p = DIR / name
     if not p.is_file():
-        raise FileNotFoundError(f"llmscale ships no config {name!r}; shipped: {sorted(x.name for x in DIR.glob('*.yaml'))}")
+        raise FileNotFoundError(f"llmscale ships no config {name!r}; "
+                                f"shipped: {sorted(x.name for x in DIR.glob('*.yaml'))}")
     return p

@@ -35,7 +35,8 @@ def check_datasets(cfg: Any) -> list:
     for e, m in zip(entries[1:], manifests[1:]):
         if m.tokenizer_hash != m0.tokenizer_hash or m.vocab_size != m0.vocab_size:
             raise TokenizerError(
-                f"The blend mixes tokenizers: {first.path} has tokenizer {m0.tokenizer_hash[:12]} (vocab {m0.vocab_size}), "
+                f"The blend mixes tokenizers: {first.path} has tokenizer {m0.tokenizer_hash[:12]} "
+                f"(vocab {m0.vocab_size}), "
                 f"{e.path} has {m.tokenizer_hash[:12]} (vocab {m.vocab_size}); token ids would mean different things. "
                 f"Re-prepare it with the first one's tokenizer: `llmscale prepare --tokenizer {m0.tokenizer_dir()} "
                 f"--input ... --output {e.path}`.")
@@ -44,8 +45,9 @@ def check_datasets(cfg: Any) -> list:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size != vocab:
         raise TokenizerError(
-            f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer of {first.path} (vocab {vocab}, hash "
-            f"{m0.tokenizer_hash[:12]}). Set model.vocab_size={vocab} (or null: taken from the dataset), or prepare the "
+            f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer of {first.path} "
+            f"(vocab {vocab}, hash {m0.tokenizer_hash[:12]}). Set model.vocab_size={vocab} "
+            f"(or null: taken from the dataset), or prepare the "
             f"data with the model's tokenizer: `llmscale prepare --tokenizer TOKENIZER_DIR --input ... --output "
             f"{first.path}`.")
     run_tok = Path(cfg.run_dir) / RUN_TOKENIZER

@@ -28,8 +28,9 @@ different in every epoch (dynamic masking).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -197,18 +198,27 @@ def bert_samples(shards: Sequence[ShardView], cum: np.ndarray, *, seq_len: int, 
                     pos += s
                     continue
                 if cur_len:  # close the current sample, the sentence starts a new one
-                    starts.append(cur_start); lengths.append(cur_len); docs.append(doc_id)
-                    nb.append(len(cur_b)); bounds.extend(cur_b)
+                    starts.append(cur_start)
+                    lengths.append(cur_len)
+                    docs.append(doc_id)
+                    nb.append(len(cur_b))
+                    bounds.extend(cur_b)
                     cur_start, cur_len, cur_b = pos, 0, []
                 while s > cap:  # a sentence longer than a sample: cut into full pieces
-                    starts.append(pos); lengths.append(cap); docs.append(doc_id); nb.append(0)
+                    starts.append(pos)
+                    lengths.append(cap)
+                    docs.append(doc_id)
+                    nb.append(0)
                     pos += cap
                     s -= cap
                 cur_start, cur_len = pos, s
                 pos += s
             if cur_len:
-                starts.append(cur_start); lengths.append(cur_len); docs.append(doc_id)
-                nb.append(len(cur_b)); bounds.extend(cur_b)
+                starts.append(cur_start)
+                lengths.append(cur_len)
+                docs.append(doc_id)
+                nb.append(len(cur_b))
+                bounds.extend(cur_b)
             doc_id += 1
     length = np.array(lengths, dtype=np.int64)
     nbs = np.array(nb, dtype=np.int64)
@@ -308,7 +318,8 @@ def bert_batch(
         att[r, : 3 + na + nb_] = 1
     u_select = uniforms(seed, tag, positions, T, 2)
     u_kind = uniforms(seed, tag, positions, T, 3)
-    rand_tok = spec.random_low + (uniforms(seed, tag, positions, T, 4) * (spec.vocab_size - spec.random_low)).astype(np.int64)
+    rand_tok = spec.random_low + (uniforms(seed, tag, positions, T, 4)
+                                  * (spec.vocab_size - spec.random_low)).astype(np.int64)
     special = (ids == spec.pad_id) | (ids == spec.cls_id) | (ids == spec.sep_id) | (ids == spec.mask_id)
     selected = (u_select < spec.mlm_probability) & (att == 1) & ~special
     labels = np.where(selected, ids, IGNORE)

@@ -98,7 +98,8 @@ def _bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
 
 def build_hf_tokenizer(tok: Tokenizer, *, kind: Literal["gpt", "bert"] = "gpt"):
     """A ``tokenizers.Tokenizer`` giving the same ids as ``tok.encode`` and decoding them losslessly."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
+    from tokenizers import AddedToken, decoders, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE, Unigram
 
     m = _proto(tok)
@@ -158,7 +159,8 @@ def write_hf_tokenizer(tokenizer: Tokenizer | str | Path, out_dir: str | Path, *
     }
     if kind == "bert":
         config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
     log.info("wrote Hugging Face tokenizer files (%s, %d pieces) to %s", tok.model_type, tok.vocab_size, out)
     return out

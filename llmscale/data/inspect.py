@@ -51,7 +51,8 @@ def inspect_dataset(root: str | Path, *, samples: int = 1, max_chars: int = 500)
                   "first_ids": [int(x) for x in ids[:16]], "text": tok.decode(ids[:4 * max_chars])[:max_chars]}
             if view.sentence_offsets is not None:
                 ex["sentence_lengths"] = [int(x) for x in
-                                          view.sentence_lengths[view.sentence_offsets[i]: view.sentence_offsets[i + 1]][:32]]
+                                          view.sentence_lengths[view.sentence_offsets[i]:
+                                                                view.sentence_offsets[i + 1]][:32]]
             examples.append(ex)
     out["samples"] = examples
     return out

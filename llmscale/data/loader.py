@@ -38,8 +38,9 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -92,7 +93,8 @@ class DatasetSplit:
             if len(v.tokens) != info.num_tokens:
                 raise DatasetError(
                     f"{self.root / info.path} holds {len(v.tokens)} tokens, the manifest says {info.num_tokens}: the "
-                    f"dataset changed after it was written. Run `llmscale data verify {self.root}` and re-run `llmscale prepare`.")
+                    f"dataset changed after it was written. Run `llmscale data verify {self.root}` and re-run "
+                    f"`llmscale prepare`.")
             views.append(v)
         self.stream = TokenStream(views)
         self.num_tokens = self.stream.num_tokens
@@ -371,9 +373,9 @@ class TokenLoader:
                 f"set data.seed={state['seed']} to resume the same sample sequence.")
         if state["fingerprint"] != self.fingerprint():
             raise DatasetError(
-                f"the checkpoint's loader read a different dataset, blend, seq_len or format ({state['samples_per_epoch']} "
-                f"samples per epoch, now {self.samples_per_epoch}): its position means nothing here. Resume with the "
-                f"same data settings, or start a new run directory for the new data.")
+                f"the checkpoint's loader read a different dataset, blend, seq_len or format "
+                f"({state['samples_per_epoch']} samples per epoch, now {self.samples_per_epoch}): its position means "
+                f"nothing here. Resume with the same data settings, or start a new run directory for the new data.")
         if int(state["global_batch_size"]) != self.global_batch_size:
             log.info("global batch size changed %d -> %d: the sample stream continues at sample %d",
                      state["global_batch_size"], self.global_batch_size, state["consumed_samples"])
@@ -478,7 +480,8 @@ def build_loader(
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size}).")
     if micro_batch_size < 1 or global_batch_size < 1:
-        raise ConfigError(f"micro_batch_size ({micro_batch_size}) and global_batch_size ({global_batch_size}) must be >= 1.")
+        raise ConfigError(f"micro_batch_size ({micro_batch_size}) and global_batch_size ({global_batch_size}) "
+                          f"must be >= 1.")
     if global_batch_size % (dp_size * micro_batch_size):
         raise ConfigError(_batch_error(global_batch_size, dp_size, micro_batch_size))
     fmt = data_cfg.format
@@ -492,7 +495,8 @@ def build_loader(
         if m.kind != fmt:
             raise DatasetError(
                 f"{e.path} was prepared for {m.kind.upper()} (kind={m.kind}) but data.format={fmt}. Prepare it for "
-                f"{fmt.upper()} with `llmscale prepare --format {fmt} --input ... --output DIR` (or set data.format={m.kind}).")
+                f"{fmt.upper()} with `llmscale prepare --format {fmt} --input ... --output DIR` "
+                f"(or set data.format={m.kind}).")
     h0 = manifests[0].tokenizer_hash
     for e, m in zip(entries[1:], manifests[1:]):
         if m.tokenizer_hash != h0:
@@ -515,7 +519,8 @@ def build_loader(
         if fmt == "bert" and data_cfg.nsp and sp.num_documents < 2:
             raise DatasetError(
                 f"data.nsp=true needs at least 2 documents in the {split!r} split of {e.path} (random next segments "
-                f"come from another document); it has {sp.num_documents}. Use `llmscale prepare --doc-split paragraph`.")
+                f"come from another document); it has {sp.num_documents}. "
+                f"Use `llmscale prepare --doc-split paragraph`.")
         splits.append(sp)
     total = sum(s.num_samples for s in splits)
     if total < global_batch_size:

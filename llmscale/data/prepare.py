@@ -40,12 +40,12 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from llmscale.files import fsync_dir
 from llmscale.data.shards import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -61,11 +61,12 @@ from llmscale.data.sources import (
     DOC_SPLITS,
     Document,
     PrepareError,
-    _cut_point,
     ReadStats,
+    _cut_point,
     iter_document_records,
     resolve_inputs,
 )
+from llmscale.files import fsync_dir
 from llmscale.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -78,7 +79,8 @@ _DATASET_ENTRIES = {"train", "val", "tokenizer", MANIFEST}
 # Sentence ends: . ! ? (+ closing quotes/brackets) followed by whitespace; CJK 。！？；… (+ closers);
 # a blank line. The match end is where the next sentence starts.
 _SENT_END = re.compile(r"""[.!?]+["'”’)\]]*\s+|[。！？；…]+[”’」』）)"]*\s*|\n[^\S\n]*\n\s*""")
-_ABBREV = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|etc|No|Vol|Mt|Capt|Col|Gen|Lt|Rev)|\b[A-Za-z]|\be\.g|\bi\.e)\.$")
+_ABBREV = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|etc|No|Vol|Mt|Capt|Col|Gen|Lt|Rev)"
+                     r"|\b[A-Za-z]|\be\.g|\bi\.e)\.$")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -320,7 +322,8 @@ def prepare_dataset(
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     elif vocab_size is None and model_type != "char":
-        raise PrepareError("Give a tokenizer (--tokenizer DIR) or the size of one to train (--vocab-size N, e.g. 8000).")
+        raise PrepareError("Give a tokenizer (--tokenizer DIR) or the size of one to train "
+                           "(--vocab-size N, e.g. 8000).")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(output)
@@ -331,7 +334,8 @@ def prepare_dataset(
     stage.mkdir()
     try:
         if tok is None:
-            log.info("no --tokenizer given: training a %s tokenizer (vocab_size=%s) on the inputs", model_type, vocab_size)
+            log.info("no --tokenizer given: training a %s tokenizer (vocab_size=%s) on the inputs", model_type,
+                     vocab_size)
             tok = train_tokenizer(files, stage / "tokenizer", vocab_size=vocab_size, model_type=model_type,
                                   sample_bytes=tokenizer_sample_bytes or DEFAULT_SAMPLE_BYTES,
                                   character_coverage=character_coverage,
@@ -389,7 +393,8 @@ def _tokenize_into(
 ) -> dict:
     bert = format == "bert"
     dtype = token_dtype_for(tok.vocab_size)
-    writers = {s: ShardWriter(stage, s, dtype=dtype, shard_tokens=shard_tokens, with_sentences=bert) for s in ("train", "val")}
+    writers = {s: ShardWriter(stage, s, dtype=dtype, shard_tokens=shard_tokens, with_sentences=bert)
+               for s in ("train", "val")}
     counts = {s: {"num_documents": 0, "num_tokens": 0, "num_bytes": 0} for s in ("train", "val")}
     eos = np.array([tok.eos_id], dtype=np.int32)
     stats = ReadStats()
@@ -460,13 +465,15 @@ def _tokenize_into(
             f"or add more text.")
     if counts["val"]["num_documents"] and not bert and counts["val"]["num_tokens"] < seq_len + 1:
         log.warning("the validation split has %d tokens, less than one sequence of %d: validation will use a short "
-                    "window. Raise --val-fraction for a bigger validation split.", counts["val"]["num_tokens"], seq_len + 1)
+                    "window. Raise --val-fraction for a bigger validation split.", counts["val"]["num_tokens"],
+                    seq_len + 1)
     if val_fraction > 0 and counts["val"]["num_documents"] == 0:
         log.warning("no validation split: %d document(s) written, none picked for validation. Give more documents "
                     "(e.g. --doc-split paragraph) or raise --val-fraction.", n_docs)
     return {
         "kind": format,
-        "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "path": "tokenizer", "model_type": tok.model_type},
+        "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "path": "tokenizer",
+                      "model_type": tok.model_type},
         "token_dtype": np.dtype(dtype).name,
         "seq_len": seq_len,
         "eos_appended": not bert,

@@ -17,19 +17,19 @@ numpy views of the file's pages.
 """
 from __future__ import annotations
 
-from llmscale.errors import DatasetError
-from llmscale.files import atomic_write_text, fsync_dir, sha256_file, verify_listed_files
-
-import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+
+from llmscale.errors import DatasetError
+from llmscale.files import atomic_write_text, fsync_dir, sha256_file, verify_listed_files
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -236,7 +236,8 @@ def write_manifest(root: str | Path, data: dict) -> Path:
 def read_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     if not root.exists():
-        raise DatasetError(f"Dataset folder {root} does not exist. Build one with `llmscale prepare --input ... --output {root}`.")
+        raise DatasetError(f"Dataset folder {root} does not exist. "
+                           f"Build one with `llmscale prepare --input ... --output {root}`.")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise DatasetError(

@@ -41,8 +41,6 @@ Cleaning (each counted, never silent)
 """
 from __future__ import annotations
 
-from llmscale.errors import PrepareError
-
 import codecs
 import glob as _glob
 import gzip
@@ -50,10 +48,12 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
+from llmscale.errors import PrepareError
 from llmscale.log import get_logger
 
 log = get_logger(__name__)
@@ -119,7 +119,8 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if any(c in s for c in "*?["):
             matches = sorted(Path(m) for m in _glob.glob(s, recursive=True) if Path(m).is_file())
             if not matches:
-                raise PrepareError(f"Input glob {s!r} matches no file. Check the pattern (quote it so the shell leaves it alone).")
+                raise PrepareError(f"Input glob {s!r} matches no file. "
+                                   f"Check the pattern (quote it so the shell leaves it alone).")
             out.extend(matches)
             continue
         p = Path(s)
@@ -239,7 +240,8 @@ _BLANK_RUN = re.compile(r"(?:[^\S\n]*\n)+")
 _TRAILING_BLANKS = re.compile(r"(?<=\n)(?:[^\S\n]*\n)+\Z")
 
 
-def _text_documents(path: Path, *, doc_split: str, doc_chars: int, max_doc_chars: int, stats: ReadStats) -> Iterator[Document]:
+def _text_documents(path: Path, *, doc_split: str, doc_chars: int, max_doc_chars: int,
+                    stats: ReadStats) -> Iterator[Document]:
     source = str(path)
     target = {"chunk": doc_chars, "paragraph": 1, "line": 1, "file": None}[doc_split]
     parts: list[str] = []  # text of the current document
@@ -353,7 +355,8 @@ def _as_text(value) -> Optional[str]:
     return None
 
 
-def _table_documents(path: Path, kind: str, *, text_field: str, max_doc_chars: int, stats: ReadStats) -> Iterator[Document]:
+def _table_documents(path: Path, kind: str, *, text_field: str, max_doc_chars: int,
+                     stats: ReadStats) -> Iterator[Document]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
@@ -439,7 +442,8 @@ def iter_document_records(
             log.info("%s: empty file, skipped", path)
             continue
         if kind == "text":
-            yield from _text_documents(path, doc_split=doc_split, doc_chars=doc_chars, max_doc_chars=max_doc_chars, stats=stats)
+            yield from _text_documents(path, doc_split=doc_split, doc_chars=doc_chars, max_doc_chars=max_doc_chars,
+                                       stats=stats)
         else:
             yield from _table_documents(path, kind, text_field=text_field, max_doc_chars=max_doc_chars, stats=stats)
         log.debug("%s: %d documents", path, stats.documents_read - before)

@@ -21,8 +21,6 @@ hash (sha256 of ``tokenizer.model``) is recorded by every dataset and checkpoint
 """
 from __future__ import annotations
 
-from llmscale.errors import TokenizerError
-
 import hashlib
 import io
 import json
@@ -31,9 +29,11 @@ import random
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
+from llmscale.errors import TokenizerError
 from llmscale.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -41,7 +41,8 @@ log = get_logger(__name__)
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
 META_FILE = "tokenizer_meta.json"
-SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "cls": "<cls>", "sep": "<sep>", "mask": "<mask>"}
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "cls": "<cls>", "sep": "<sep>",
+                  "mask": "<mask>"}
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "cls": 4, "sep": 5, "mask": 6}
 NUM_SPECIAL = len(SPECIAL_IDS)
 NUM_BYTES = 256
@@ -69,11 +70,12 @@ class Tokenizer:
             piece = self.sp.id_to_piece(i)
             if piece != SPECIAL_TOKENS[name]:
                 raise TokenizerError(
-                    f"{self.path} is not an llmscale tokenizer: id {i} is {piece!r}, expected {SPECIAL_TOKENS[name]!r}. "
+                    f"{self.path} is not an llmscale tokenizer: id {i} is {piece!r}, "
+                    f"expected {SPECIAL_TOKENS[name]!r}. "
                     f"Train one with `llmscale tokenizer train --input ... --output DIR --vocab-size N`.")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load from a tokenizer folder, a folder holding ``tokenizer/`` (a dataset), or the .model file."""
         p = Path(path)
         model = p / MODEL_FILE if p.is_dir() else p
@@ -201,7 +203,8 @@ def _sample_sentences(
             break
     if not out:
         raise TokenizerError(
-            f"No text to train a tokenizer on in {', '.join(map(str, inputs))} (documents read: {stats.documents_read}, "
+            f"No text to train a tokenizer on in {', '.join(map(str, inputs))} "
+            f"(documents read: {stats.documents_read}, "
             f"skipped: {dict(stats.skipped)}). Check --input and --text-field.")
     log.info("tokenizer sample: %d sentences, %.1f MB of %.1f MB input, %d distinct characters",
              len(out), taken / 1e6, total / 1e6, len(chars))
@@ -222,7 +225,8 @@ def _explain(err: str, *, vocab_size: int, model_type: str, coverage: float) -> 
     if m:
         return (f"--vocab-size {vocab_size} is too large for this corpus: SentencePiece can learn at most "
                 f"{m.group(2)} pieces from it. Pass --vocab-size {m.group(2)} or less, or give more text.")
-    return f"SentencePiece could not train a {model_type} model with vocab_size={vocab_size}: {err.strip().splitlines()[-1]}"
+    return (f"SentencePiece could not train a {model_type} model with vocab_size={vocab_size}: "
+            f"{err.strip().splitlines()[-1]}")
 
 
 def train_tokenizer(
@@ -317,7 +321,8 @@ def train_tokenizer(
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **trainer_args)
     except RuntimeError as e:
-        raise TokenizerError(_explain(str(e), vocab_size=vocab_size, model_type=model_type, coverage=coverage)) from None
+        raise TokenizerError(_explain(str(e), vocab_size=vocab_size, model_type=model_type,
+                                      coverage=coverage)) from None
     data = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=data)
     # vocab and meta first, the model last (atomically): a folder whose model loads is complete

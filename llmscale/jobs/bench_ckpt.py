@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Folder on the disk to measure (default: ./runs); the benchmark's files go to a temporary "
                         "folder inside it, removed afterwards unless --keep.")
     p.add_argument("--keep", action="store_true", help="Keep the benchmark files afterwards.")
-    p.add_argument("--resume-probe", help=argparse.SUPPRESS)  # the child process timed for "launch to first resumed step"
+    # the child process timed for "launch to first resumed step"
+    p.add_argument("--resume-probe", help=argparse.SUPPRESS)
 
 
 def main(args: argparse.Namespace) -> int:

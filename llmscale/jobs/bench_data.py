@@ -10,18 +10,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", default=None,
                    help="Text to prepare (default: the bundled corpus replicated to --target-mb), e.g. "
                         "../shared/data/gutenberg_top_authors_subset.")
-    p.add_argument("--num-proc", type=int, default=None, help="Tokenizer threads for prepare and the raw encode (default: all CPUs).")
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="Tokenizer threads for prepare and the raw encode (default: all CPUs).")
     p.add_argument("--target-mb", type=float, default=24.0, help="Size of the replicated bundled corpus.")
     p.add_argument("--vocab-size", type=int, default=8000, help="Tokenizer trained for the benchmark.")
     p.add_argument("--seq-len", type=int, default=1024, help="Loader sequence length.")
     p.add_argument("--micro-batch", type=int, default=8, help="Loader micro-batch size.")
     p.add_argument("--global-batch", type=int, default=64, help="Loader global batch size (one process).")
-    p.add_argument("--rounds", type=int, default=3, help="Timing rounds of prepare and the raw encode (the best is reported).")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="Timing rounds of prepare and the raw encode (the best is reported).")
     p.add_argument("--loader-rounds", type=int, default=10,
-                   help="Timing rounds of the loader and of the raw read, each over the whole train split (the best is reported).")
-    p.add_argument("--num-workers", type=int, default=1, help="Also time the loader with this many prefetch threads (0 = skip).")
+                   help="Timing rounds of the loader and of the raw read, each over the whole train split "
+                        "(the best is reported).")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Also time the loader with this many prefetch threads (0 = skip).")
     p.add_argument("--workdir", default=None,
-                   help="Folder for the corpus copy and datasets (default: a temp dir); removed afterwards unless --keep.")
+                   help="Folder for the corpus copy and datasets (default: a temp dir); removed afterwards unless "
+                        "--keep.")
     p.add_argument("--keep", action="store_true", help="Keep the benchmark files (--workdir) afterwards.")
 
 

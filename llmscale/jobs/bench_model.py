@@ -10,11 +10,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", nargs="+", default=None,
                    help="Presets to run (default: GPU gpt2-124m gpt2-350m llama-1b; CPU the tiny presets + gpt2-124m).")
     p.add_argument("--seq-len", type=int, default=None, help="Sequence length for every preset (default: per preset).")
-    p.add_argument("--micro-batch", type=int, default=None, help="Micro-batch size for every preset (default: per preset).")
-    p.add_argument("--steps", type=int, default=None, help="Timed steps per preset, the median is reported (default: GPU 10, CPU 3).")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="Micro-batch size for every preset (default: per preset).")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Timed steps per preset, the median is reported (default: GPU 10, CPU 3).")
     p.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default: GPU 3, CPU 1).")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU.")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU.")
     p.add_argument("--sdpa", choices=["flash", "auto"], default="flash",
                    help="GPU attention kernel: flash only, or let PyTorch choose.")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first.")

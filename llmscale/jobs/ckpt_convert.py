@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN) or a run directory (its newest).")
+    p.add_argument("checkpoint",
+                   help="A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN) or a run directory (its newest).")
     p.add_argument("--workers", type=int, default=1, help="DeepSpeed extraction/merge worker processes.")
 
 

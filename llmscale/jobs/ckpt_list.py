@@ -41,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
         lay_s = f"dp{lay['dp']} tp{lay['tp']} pp{lay['pp']} z{lay['zero_stage']}" if lay else "-"
         state = ("complete" if r["complete"] else "INCOMPLETE") + ("*" if r["latest"] else "")
         size = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] is not None else "-"
-        print(f"{r['name']:<14} {r['step']:>8} {state:<10} {size:>9} {lay_s:<22} {r['tokens_seen'] or '-':>12}  {r['created'] or '-'}")
+        print(f"{r['name']:<14} {r['step']:>8} {state:<10} {size:>9} {lay_s:<22} {r['tokens_seen'] or '-':>12}  "
+              f"{r['created'] or '-'}")
     if others:
         print("not checkpoints (interrupted saves, damaged ones set aside): " + ", ".join(others))
     return 0

@@ -11,7 +11,8 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="Dataset folder written by `llmscale prepare`.")
-    p.add_argument("--samples", type=int, default=1, help="Decoded documents to show from the start of the train split.")
+    p.add_argument("--samples", type=int, default=1,
+                   help="Decoded documents to show from the start of the train split.")
     p.add_argument("--max-chars", type=int, default=500, help="Characters shown per document.")
     p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
 

@@ -13,7 +13,8 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="Dataset folder written by `llmscale prepare`.")
-    p.add_argument("--no-checksums", action="store_true", help="Check presence and sizes only, not the sha256 checksums (fast).")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="Check presence and sizes only, not the sha256 checksums (fast).")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,7 +31,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.path}: {len(problems)} problem(s) in {nshards} shards", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
-        print(f"Re-run `llmscale prepare ... --output {args.path} --overwrite` to rebuild the dataset.", file=sys.stderr)
+        print(f"Re-run `llmscale prepare ... --output {args.path} --overwrite` to rebuild the dataset.",
+              file=sys.stderr)
         return 1
     what = "sizes" if args.no_checksums else "sizes and sha256 checksums"
     print(f"{args.path}: OK ({nshards} shards, {what} match the manifest)")

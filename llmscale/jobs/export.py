@@ -22,7 +22,8 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="Run directory, checkpoint (any layout), or model folder (llmscale export/import output).")
+    p.add_argument("source",
+                   help="Run directory, checkpoint (any layout), or model folder (llmscale export/import output).")
     p.add_argument("output", help="Folder to write (must not exist or be empty unless --overwrite).")
     p.add_argument("--tokenizer", default=None,
                    help="llmscale tokenizer folder to include (default: the one SOURCE carries).")

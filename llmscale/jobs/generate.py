@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
 
 from llmscale.log import get_logger
 
@@ -21,13 +19,15 @@ log = get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="Model folder (llmscale export/import), transformers GPT2/Llama folder, run dir or checkpoint.")
+    p.add_argument("source",
+                   help="Model folder (llmscale export/import), transformers GPT2/Llama folder, run dir or checkpoint.")
     p.add_argument("--prompt", default="", help="Text to continue (default: start a new document).")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature (0 = greedy).")
     p.add_argument("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
     p.add_argument("--top-p", type=float, default=None, help="Nucleus sampling: smallest set with this probability.")
-    p.add_argument("--greedy", action="store_true", help="Always take the most likely token (ignores temperature/top-k/top-p).")
+    p.add_argument("--greedy", action="store_true",
+                   help="Always take the most likely token (ignores temperature/top-k/top-p).")
     p.add_argument("--seed", type=int, default=None, help="Seed of the sampler (same seed, model, device: same text).")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="Print {prompt_ids, new_ids, completion, text} as JSON.")

@@ -2,15 +2,14 @@
 RUN_DIR/metrics.jsonl, drawn to a PNG (matplotlib's Agg backend: no display needed)."""
 from __future__ import annotations
 
-from llmscale.errors import PlotError
-
 import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
-from llmscale.log import get_logger
 from llmscale.artifacts import METRICS_FILE
+from llmscale.errors import PlotError
+from llmscale.log import get_logger
 from llmscale.metrics import read_metrics
 
 log = get_logger(__name__)

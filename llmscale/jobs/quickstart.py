@@ -13,8 +13,6 @@ the repository is the same file), so an installed llmscale finds it.
 """
 from __future__ import annotations
 
-from llmscale.errors import QuickstartError
-
 import argparse
 import os
 import shutil
@@ -23,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from llmscale.errors import QuickstartError
 from llmscale.log import get_logger
 
 log = get_logger(__name__)
@@ -54,8 +53,8 @@ def _prepare(data_dir: Path, vocab_size: int, seq_len: int) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llmscale import configs_builtin
-    from llmscale.config import RunConfig, load_config
     from llmscale.artifacts import METRICS_FILE
+    from llmscale.config import RunConfig, load_config
     from llmscale.metrics import read_metrics
 
     t0 = time.time()

@@ -10,14 +10,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from llmscale.data.sources import DOC_SPLITS
     from llmscale.data.tokenizer import DEFAULT_SAMPLE_BYTES, MODEL_TYPES
 
-    p.add_argument("--input", nargs="+", required=True, help="Files, folders or globs (txt, jsonl/json, parquet, csv/tsv; .gz ok).")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="Files, folders or globs (txt, jsonl/json, parquet, csv/tsv; .gz ok).")
     p.add_argument("--output", required=True, help="Folder for tokenizer.model, tokenizer.vocab, tokenizer_meta.json.")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="Total pieces incl. 7 special + 256 byte pieces (required for bpe/unigram; char: optional).")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     p.add_argument("--character-coverage", type=float, default=None,
-                   help="Fraction of characters that get their own piece (default 0.9995; char: 1.0). The rest use bytes.")
-    p.add_argument("--sample-bytes", type=int, default=DEFAULT_SAMPLE_BYTES, help="Train on a sample of about this many bytes.")
+                   help="Fraction of characters that get their own piece (default 0.9995; char: 1.0). The rest use "
+                        "bytes.")
+    p.add_argument("--sample-bytes", type=int, default=DEFAULT_SAMPLE_BYTES,
+                   help="Train on a sample of about this many bytes.")
     p.add_argument("--text-field", default="text", help="Field of json/parquet/csv records holding the text.")
     p.add_argument("--doc-split", default="chunk", choices=DOC_SPLITS, help="How .txt files are cut into documents.")
     p.add_argument("--seed", type=int, default=1234)

@@ -18,12 +18,9 @@ resolved config goes to ``RUN_DIR/config.yaml``; at the end the consolidated wei
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 from llmscale.artifacts import CONFIG_FILE, FINAL_DIR, FINAL_WEIGHTS, record_tokenizer, write_final_weights
 from llmscale.config import RunConfig, load_config, save_resolved

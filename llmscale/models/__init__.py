@@ -36,7 +36,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'llmscale.models' has no attribute {name!r}")
 
 
-def build_model(cfg, *, vocab_size: Optional[int] = None) -> "nn.Module":
+def build_model(cfg, *, vocab_size: Optional[int] = None) -> nn.Module:
     """The model ``cfg`` (a ModelConfig) describes, initialised from torch's current RNG on the current
     default device (``with torch.device("meta"):`` builds it without memory). ``vocab_size`` is the dataset
     tokenizer's; see :func:`resolve_config` for how it combines with ``cfg.vocab_size``."""

@@ -25,7 +25,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmscale.models.layers import TP_PLAN, Block, LanguageModel, ModelOutput, init_weights, lm_loss, make_norm, run_block
+from llmscale.models.layers import (
+    TP_PLAN,
+    Block,
+    LanguageModel,
+    ModelOutput,
+    init_weights,
+    lm_loss,
+    make_norm,
+    run_block,
+)
 from llmscale.models.pipeline import LayerDef
 
 

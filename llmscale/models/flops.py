@@ -24,6 +24,7 @@ and activations are not counted (they are not matmuls).
 """
 from __future__ import annotations
 
+
 def _norm(cfg) -> int:
     return cfg.d_model * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
 

@@ -16,7 +16,8 @@ the no-cache path computes); a prompt longer than the window is cut to its last 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn

@@ -25,8 +25,15 @@ import torch.nn.functional as F
 
 from llmscale.models.layers import (
     TP_PLAN,
+    Block,
+    KVCache,
     LanguageModel,
-    Block, KVCache, ModelOutput, init_weights, lm_loss, make_norm, new_kv_cache, run_block,
+    ModelOutput,
+    init_weights,
+    lm_loss,
+    make_norm,
+    new_kv_cache,
+    run_block,
 )
 from llmscale.models.pipeline import LayerDef
 
@@ -121,7 +128,8 @@ class GPT(LanguageModel):
         layers += [LayerDef(f"blocks.{i}", b, f"blocks.{i}.", None, None) for i, b in enumerate(self.blocks)]
         layers.append(LayerDef("final_norm", self.final_norm, "final_norm.", None, None))
         if self.lm_head is None:
-            layers.append(LayerDef("lm_head", self.tok_embed, "tok_embed.", "embed", lambda mod, x: F.linear(x, mod.weight)))
+            layers.append(LayerDef("lm_head", self.tok_embed, "tok_embed.", "embed",
+                                   lambda mod, x: F.linear(x, mod.weight)))
         else:
             layers.append(LayerDef("lm_head", self.lm_head, "lm_head.", None, None))
         return layers
@@ -148,7 +156,8 @@ class GPT(LanguageModel):
         return self._logits(self.final_norm(x))
 
 
-def _add_positions(pos_embed: Optional[nn.Embedding], x: torch.Tensor, start: int, p: float, training: bool) -> torch.Tensor:
+def _add_positions(pos_embed: Optional[nn.Embedding], x: torch.Tensor, start: int, p: float,
+                   training: bool) -> torch.Tensor:
     """x + learned positions start..start+T-1 (if any), then embedding dropout."""
     if pos_embed is not None:
         pos = torch.arange(start, start + x.size(1), device=x.device)

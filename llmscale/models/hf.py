@@ -35,8 +35,8 @@ from typing import Any, Optional
 
 import torch
 
-from llmscale.log import get_logger
 from llmscale.errors import ExportError
+from llmscale.log import get_logger
 
 log = get_logger(__name__)
 
@@ -76,13 +76,15 @@ def hf_architecture(cfg) -> str:
     """The transformers class that computes exactly what ``cfg`` does, or ExportError naming the differences."""
     if cfg.family == "gpt":
         candidates = {
-            "GPT2LMHeadModel": dict(norm="layernorm", position="learned", activation="gelu", bias=True, norm_position="pre"),
+            "GPT2LMHeadModel": dict(norm="layernorm", position="learned", activation="gelu", bias=True,
+                                    norm_position="pre"),
             "LlamaForCausalLM": dict(norm="rmsnorm", position="rope", activation="swiglu", norm_position="pre"),
         }
         gqa = {"GPT2LMHeadModel": _no_gqa(cfg)}
     elif cfg.family == "bert":
         arch = "BertForPreTraining" if cfg.nsp_head else "BertForMaskedLM"
-        candidates = {arch: dict(norm="layernorm", position="learned", activation="gelu", bias=True, norm_position="post")}
+        candidates = {arch: dict(norm="layernorm", position="learned", activation="gelu", bias=True,
+                                 norm_position="post")}
         gqa = {arch: _no_gqa(cfg)}
     else:
         raise ExportError(
@@ -159,14 +161,16 @@ def model_config_from_hf(hf_cfg: dict, *, folder: Path = Path("."), nsp_head: bo
         act = hf_cfg.get("activation_function", "gelu_new")
         if act not in _TANH_GELU:
             problems.append(f"activation_function={act!r} (llmscale's GPT MLP is the tanh GELU: gelu_new)")
-        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
+        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("add_cross_attention", False)):
             if bool(hf_cfg.get(key, ok)) != ok:
                 problems.append(f"{key}={hf_cfg.get(key)}")
         _refuse(problems, folder, model_type)
         d = hf_cfg["n_embd"]
         fields = dict(family="gpt", n_layers=hf_cfg["n_layer"], d_model=d, n_heads=hf_cfg["n_head"],
                       n_kv_heads=hf_cfg["n_head"], d_ff=hf_cfg.get("n_inner") or 4 * d, vocab_size=hf_cfg["vocab_size"],
-                      max_seq_len=hf_cfg["n_positions"], norm="layernorm", norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
+                      max_seq_len=hf_cfg["n_positions"], norm="layernorm",
+                      norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
                       position="learned", activation="gelu", bias=True, tie_embeddings=tie, norm_position="pre",
                       dropout=float(hf_cfg.get("resid_pdrop", 0.0)))
     elif model_type == "llama":
@@ -227,11 +231,13 @@ def _layer_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
     pairs: list[tuple[str, str, bool]] = []
     bias = ("weight", "bias")
     if arch == "GPT2LMHeadModel":
-        pairs += [("tok_embed.weight", "transformer.wte.weight", False), ("pos_embed.weight", "transformer.wpe.weight", False)]
+        pairs += [("tok_embed.weight", "transformer.wte.weight", False),
+                  ("pos_embed.weight", "transformer.wpe.weight", False)]
         for i in range(cfg.n_layers):
             ls, hf = f"blocks.{i}.", f"transformer.h.{i}."
             for p in bias:
-                pairs += [(ls + f"attn_norm.{p}", hf + f"ln_1.{p}", False), (ls + f"mlp_norm.{p}", hf + f"ln_2.{p}", False),
+                pairs += [(ls + f"attn_norm.{p}", hf + f"ln_1.{p}", False),
+                          (ls + f"mlp_norm.{p}", hf + f"ln_2.{p}", False),
                           (ls + f"attn.o_proj.{p}", hf + f"attn.c_proj.{p}", p == "weight"),
                           (ls + f"mlp.up_proj.{p}", hf + f"mlp.c_fc.{p}", p == "weight"),
                           (ls + f"mlp.down_proj.{p}", hf + f"mlp.c_proj.{p}", p == "weight")]
@@ -478,8 +484,8 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
     if pickles:
         raise ExportError(
-            f"{folder} holds only pickle weights ({', '.join(pickles)}); llmscale reads safetensors only (pickle can run "
-            f"code when loaded). Convert them once in transformers: "
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); llmscale reads safetensors only "
+            f"(pickle can run code when loaded). Convert them once in transformers: "
             f"`AutoModel.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)`.")
     raise ExportError(f"{folder} has no {WEIGHTS} (nor {WEIGHTS_INDEX}); is it a transformers model folder?")
 
@@ -494,7 +500,8 @@ def read_model_folder(folder: str | Path) -> tuple[Any, dict[str, torch.Tensor]]
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportError(f"{folder} is not a folder; give a model folder written by `llmscale export` / `llmscale import`.")
+        raise ExportError(f"{folder} is not a folder; give a model folder written by `llmscale export` / "
+                          f"`llmscale import`.")
     weights = read_hf_weights(folder)
     if (folder / LLMSCALE_CONFIG).is_file():
         raw = json.loads((folder / LLMSCALE_CONFIG).read_text(encoding="utf-8"))
@@ -564,7 +571,8 @@ def import_hf_folder(hf_folder: str | Path, out_dir: str | Path, *, overwrite: b
             Tokenizer.load(src / "tokenizer.model")
             tok_dir = src / "tokenizer.model"
         except TokenizerError as e:
-            log.info("the folder's tokenizer.model is not an llmscale tokenizer (%s); copying the HF tokenizer files", e)
+            log.info("the folder's tokenizer.model is not an llmscale tokenizer (%s); copying the HF tokenizer files",
+                     e)
     token_ids = None
     if tok_dir is None and (src / "config.json").is_file():  # it keeps its own tokenizer, hence its own ids
         src_cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))

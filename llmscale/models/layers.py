@@ -274,7 +274,7 @@ def count_params(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
     return total
 
 
-def new_kv_cache(model: nn.Module, batch_size: int, max_len: int, *, device=None, dtype=None) -> "KVCache":
+def new_kv_cache(model: nn.Module, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
     blocks = model.blocks
     attn = blocks[0].attn
     nkv = attn.k_proj.out_features // attn.head_dim

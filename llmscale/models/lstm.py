@@ -87,7 +87,8 @@ class LSTMLM(LanguageModel):
         return [
             LayerDef("tok_embed", self.tok_embed, "tok_embed.", tie, embed_fn),
             LayerDef("lstm", self.lstm, "lstm.", None, lambda mod, x: mod(x)[0]),
-            LayerDef("lm_head", self.tok_embed if tie else self.lm_head, "tok_embed." if tie else "lm_head.", tie, head_fn),
+            LayerDef("lm_head", self.tok_embed if tie else self.lm_head, "tok_embed." if tie else "lm_head.", tie,
+                     head_fn),
         ]
 
     # generation: the recurrent state plays the KV cache's part

@@ -9,8 +9,9 @@ What does not live here: the pipeline loss and batches (:mod:`llmscale.engine`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch.nn as nn
 
@@ -73,8 +74,10 @@ def pipeline_pieces(model: nn.Module) -> PipelinePieces:
             continue
         if wrappers[d.tie_key].inner is not d.module:
             raise LayoutError(
-                f"pipeline_layers(): LayerDefs with tie_key={d.tie_key!r} must share one module (got two different ones).")
-        layers.append(_tied_spec(d.tie_key, wrappers[d.tie_key], _on_inner(d.forward_fn or _call), tied_attrs[d.tie_key]))
+                f"pipeline_layers(): LayerDefs with tie_key={d.tie_key!r} must share one module "
+                f"(got two different ones).")
+        layers.append(_tied_spec(d.tie_key, wrappers[d.tie_key], _on_inner(d.forward_fn or _call),
+                                 tied_attrs[d.tie_key]))
     return PipelinePieces(layers=layers, defs=defs, tied_attrs=tied_attrs)
 
 

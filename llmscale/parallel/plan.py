@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from llmscale.config import ParallelConfig
 from llmscale.errors import ConfigError, LayoutError
@@ -50,7 +50,8 @@ def _dp_of(parallel: ParallelConfig, world_size: int) -> int:
         raise LayoutError(f"world size must be >= 1, got {world_size}.")
     if world_size % (tp * pp):
         good = [(t, p) for t in _divisors(world_size) for p in _divisors(world_size // t)]
-        good = [f"tensor_parallel={t} pipeline_parallel={p}" for t, p in good if t <= tp and p <= pp] or ["tensor_parallel=1 pipeline_parallel=1"]
+        good = ([f"tensor_parallel={t} pipeline_parallel={p}" for t, p in good if t <= tp and p <= pp]
+                or ["tensor_parallel=1 pipeline_parallel=1"])
         raise LayoutError(
             f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel = {tp}*{pp} = {tp * pp}: "
             f"data parallelism needs whole model replicas. Use e.g. parallel.{good[-1].replace(' ', ' parallel.')}, "
@@ -74,7 +75,8 @@ def solve_batch(parallel: ParallelConfig, *, world_size: int, seq_len: int) -> B
         if parallel.global_batch_tokens % seq_len:
             lo = parallel.global_batch_tokens // seq_len * seq_len
             raise LayoutError(
-                f"parallel.global_batch_tokens={parallel.global_batch_tokens} is not a multiple of data.seq_len={seq_len}; "
+                f"parallel.global_batch_tokens={parallel.global_batch_tokens} is not a multiple of "
+                f"data.seq_len={seq_len}; "
                 f"use parallel.global_batch_tokens={max(lo, seq_len)} or {lo + seq_len}."
             )
         gbs = parallel.global_batch_tokens // seq_len
@@ -92,7 +94,8 @@ def solve_batch(parallel: ParallelConfig, *, world_size: int, seq_len: int) -> B
             raise LayoutError(
                 f"parallel.global_batch_size={gbs} but micro_batch_size*grad_accum_steps*data_parallel = "
                 f"{mbs}*{gas}*{dp} = {solved} (world {world_size} / (tp {tp} * pp {pp}) = dp {dp}). "
-                f"Give only two of the three, e.g. drop parallel.grad_accum_steps, or set parallel.global_batch_size={solved}."
+                f"Give only two of the three, e.g. drop parallel.grad_accum_steps, or set "
+                f"parallel.global_batch_size={solved}."
             )
         gbs = solved
     elif mbs is not None:  # gbs given: solve accumulation
@@ -116,7 +119,8 @@ def solve_batch(parallel: ParallelConfig, *, world_size: int, seq_len: int) -> B
             )
         mbs = gbs // (gas * dp)
     assert mbs is not None and gas is not None and gbs is not None
-    return BatchPlan(micro_batch_size=mbs, grad_accum_steps=gas, global_batch_size=gbs, dp_size=dp, tp_size=tp, pp_size=pp)
+    return BatchPlan(micro_batch_size=mbs, grad_accum_steps=gas, global_batch_size=gbs, dp_size=dp, tp_size=tp,
+                     pp_size=pp)
 
 
 # --------------------------------------------------------------------------- layout
@@ -139,7 +143,7 @@ class Layout:
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp
 
-    def for_rank(self, rank: int) -> "Layout":
+    def for_rank(self, rank: int) -> Layout:
         pp_rank, rest = divmod(rank, self.dp * self.tp)
         dp_rank, tp_rank = divmod(rest, self.tp)
         return dataclasses.replace(self, rank=rank, dp_rank=dp_rank, tp_rank=tp_rank, pp_rank=pp_rank)
@@ -151,14 +155,15 @@ class Layout:
         return f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero_stage}"
 
 
-def check_layout(cfg: Any, world_size: int) -> Layout:
+def check_layout(cfg: Any, world_size: int, *, batch: Optional[BatchPlan] = None) -> Layout:
     """Refuse, before anything is built, every layout DeepSpeed cannot run. ``cfg`` is a RunConfig."""
     par, model = cfg.parallel, cfg.model
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     dp = _dp_of(par, world_size)
     if pp > 1 and par.zero_stage >= 2:
         raise LayoutError(
-            f"parallel.zero_stage={par.zero_stage} cannot be combined with pipeline_parallel={pp}: DeepSpeed's pipeline "
+            f"parallel.zero_stage={par.zero_stage} cannot be combined with pipeline_parallel={pp}: "
+            f"DeepSpeed's pipeline "
             f"engine supports ZeRO stage 0 or 1 only (stage 2/3 partition gradients inside the 1F1B schedule). "
             f"Use parallel.zero_stage=1, or parallel.pipeline_parallel=1 to keep ZeRO-{par.zero_stage}."
         )
@@ -192,12 +197,13 @@ def check_layout(cfg: Any, world_size: int) -> Layout:
     if pp > 1:
         if pp > model.n_layers:
             raise LayoutError(
-                f"parallel.pipeline_parallel={pp} exceeds model.n_layers={model.n_layers}: every stage needs at least one "
-                f"transformer block. Use parallel.pipeline_parallel<={model.n_layers}."
+                f"parallel.pipeline_parallel={pp} exceeds model.n_layers={model.n_layers}: "
+                f"every stage needs at least one transformer block. Use parallel.pipeline_parallel<={model.n_layers}."
             )
-    plan = solve_batch(par, world_size=world_size, seq_len=cfg.data.seq_len)
+    plan = batch if batch is not None else solve_batch(par, world_size=world_size, seq_len=cfg.data.seq_len)
     if pp > 1 and plan.grad_accum_steps < 1:
-        raise LayoutError("pipeline parallelism needs at least one micro-batch per step (parallel.grad_accum_steps>=1).")
+        raise LayoutError("pipeline parallelism needs at least one micro-batch per step "
+                          "(parallel.grad_accum_steps>=1).")
     if pp > 1 and plan.grad_accum_steps < pp:
         log.warning(
             "pipeline_parallel=%d with only %d micro-batches per step: the 1F1B schedule idles most stages; "
@@ -215,5 +221,5 @@ class RunPlan:
 
 def plan_run(cfg: Any, world_size: int) -> RunPlan:
     """Check ``cfg``'s layout on ``world_size`` processes and solve its batch: the one place both happen."""
-    layout = check_layout(cfg, world_size)
-    return RunPlan(layout=layout, batch=solve_batch(cfg.parallel, world_size=world_size, seq_len=cfg.data.seq_len))
+    batch = solve_batch(cfg.parallel, world_size=world_size, seq_len=cfg.data.seq_len)
+    return RunPlan(layout=check_layout(cfg, world_size, batch=batch), batch=batch)

@@ -64,7 +64,8 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         out = full.out_features
         if out % size:
-            raise LayoutError(f"a column-parallel linear has {out} output features, not divisible by tensor_parallel={size}.")
+            raise LayoutError(f"a column-parallel linear has {out} output features, "
+                              f"not divisible by tensor_parallel={size}.")
         n = out // size
         self.in_features, self.out_features = full.in_features, n
         self.group, self.tp_size = group, size
@@ -89,14 +90,16 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         inp = full.in_features
         if inp % size:
-            raise LayoutError(f"a row-parallel linear has {inp} input features, not divisible by tensor_parallel={size}.")
+            raise LayoutError(f"a row-parallel linear has {inp} input features, "
+                              f"not divisible by tensor_parallel={size}.")
         n = inp // size
         self.in_features, self.out_features = n, full.out_features
         self.group, self.tp_size = group, size
         self.weight = nn.Parameter(full.weight.detach()[:, rank * n:(rank + 1) * n].clone(), full.weight.requires_grad)
         _mark(self.weight, 1)
         if full.bias is not None:
-            self.bias = nn.Parameter(full.bias.detach().clone(), full.bias.requires_grad)  # replicated: added once, after the reduction
+            # replicated: added once, after the reduction
+            self.bias = nn.Parameter(full.bias.detach().clone(), full.bias.requires_grad)
         else:
             self.register_parameter("bias", None)
 
@@ -124,7 +127,8 @@ def apply_tensor_parallel(model: nn.Module, *, rank: int, size: int, group: Any)
             if not hits:
                 continue
             if len(hits) > 1 or not isinstance(mod, nn.Linear):
-                raise LayoutError(f"tp_plan() of {type(model).__name__} matches {name!r} ambiguously or not an nn.Linear.")
+                raise LayoutError(f"tp_plan() of {type(model).__name__} matches {name!r} ambiguously "
+                                  f"or not an nn.Linear.")
             targets.append((name, hits.pop()))
         if not targets:
             raise LayoutError(f"tp_plan() of {type(model).__name__} matched no nn.Linear module.")
@@ -134,7 +138,8 @@ def apply_tensor_parallel(model: nn.Module, *, rank: int, size: int, group: Any)
             full = getattr(parent, attr)
             cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
             if kind not in ("column", "row"):
-                raise LayoutError(f"tp_plan() of {type(model).__name__}: {name!r} -> {kind!r}; expected 'column' or 'row'.")
+                raise LayoutError(f"tp_plan() of {type(model).__name__}: {name!r} -> {kind!r}; "
+                                  f"expected 'column' or 'row'.")
             setattr(parent, attr, cls(full, rank=rank, size=size, group=group))
             kinds[f"{name}.weight"] = kind
             if full.bias is not None:

@@ -18,7 +18,7 @@ class Topology:
     groups, which do not line up with a PipelineModule's grid)."""
 
     def __init__(self, layout: Layout):
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
+        from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
         self.layout = layout
         self.topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
