@@ -14,20 +14,21 @@ What does not live here: talking to DeepSpeed (``Engine.save`` / ``Engine.load``
 counting bad steps (:class:`llmscale.trainer.BadStepGuard`), the run directory's other names
 (:mod:`llmscale.artifacts`).
 """
-from llmscale.checkpoint.manager import CheckpointManager, layout_dict
+from llmscale.checkpoint.manager import CheckpointManager
 from llmscale.checkpoint.store import (
-                                           CHECKPOINTS,
-                                           MANIFEST,
-                                           CheckpointInfo,
-                                           checkpoints_dir,
-                                           latest_complete,
-                                           list_checkpoints,
-                                           parse_step,
-                                           read_latest,
-                                           read_manifest,
-                                           resolve_checkpoint,
-                                           step_name,
-                                           verify_checkpoint,
+    CHECKPOINTS,
+    MANIFEST,
+    CheckpointInfo,
+    checkpoints_dir,
+    latest_complete,
+    layout_dict,
+    list_checkpoints,
+    parse_step,
+    read_latest,
+    read_manifest,
+    resolve_checkpoint,
+    step_name,
+    verify_checkpoint,
 )
 from llmscale.checkpoint.universal import convert_to_universal, needs_universal
 from llmscale.errors import CheckpointError

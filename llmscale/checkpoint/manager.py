@@ -50,11 +50,11 @@ from llmscale.checkpoint.store import (
     STATE_DIR,
     TMP_PREFIX,
     TRASH_PREFIX,
-    UNIVERSAL_DIR,
     CheckpointInfo,
     children,
     clean_stale,
     latest_complete,
+    layout_dict,
     list_checkpoints,
     parse_step,
     read_latest,
@@ -65,7 +65,7 @@ from llmscale.checkpoint.store import (
     step_name,
     verify_checkpoint,
 )
-from llmscale.checkpoint.universal import convert_to_universal, needs_universal, universal_view
+from llmscale.checkpoint.universal import load_through_universal, needs_universal
 from llmscale.errors import CheckpointError
 from llmscale.files import atomic_write_text, fsync_dir, hash_files, relative_files
 from llmscale.log import get_logger
@@ -73,12 +73,6 @@ from llmscale.log import get_logger
 log = get_logger(__name__)
 
 _CRASH_ENV = "LLMSCALE_TEST_CRASH_AT"
-
-
-def layout_dict(layout: Any) -> dict[str, int]:
-    """An engine's :class:`llmscale.parallel.Layout` as the manifest records it."""
-    return {"dp": int(layout.dp), "tp": int(layout.tp), "pp": int(layout.pp), "zero_stage": int(layout.zero_stage),
-            "world_size": int(layout.dp * layout.tp * layout.pp)}
 
 
 def _ds_version() -> Optional[str]:
@@ -353,7 +347,7 @@ class CheckpointManager:
         saved, current = m["layout"], layout_dict(engine.layout)
         t0 = time.perf_counter()
         if needs_universal(saved, current):
-            client = self._load_universal(ckpt, m, engine, saved, current)
+            client = load_through_universal(ckpt, m, engine, rank=self.rank)
         else:
             client = engine.load(ckpt / ENGINE_DIR, universal=False)
         step = int(m["step"])
@@ -380,28 +374,6 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         log.info("loaded checkpoint %s (step %d) in %.2fs", ckpt, step, time.perf_counter() - t0)
         return step
-
-    def _load_universal(self, ckpt: Path, m: dict, engine: Any, saved: dict, current: dict) -> dict:
-        log.warning("layout changed (saved dp=%d tp=%d pp=%d zero=%d, now dp=%d tp=%d pp=%d zero=%d): loading %s "
-                    "through DeepSpeed's universal checkpoint", saved["dp"], saved["tp"], saved["pp"],
-                    saved["zero_stage"], current["dp"], current["tp"], current["pp"], current["zero_stage"], ckpt.name)
-        err = None
-        if self.rank == 0:
-            try:
-                convert_to_universal(ckpt)
-            except CheckpointError as e:
-                err = str(e)
-        err = ldist.broadcast_object(err)
-        if err:
-            raise CheckpointError(err)
-        view = universal_view(ckpt, saved_names=m.get("param_names") or {}, target_names=engine.param_names,
-                              rank=self.rank)
-        try:
-            return engine.load(view, universal=True)
-        finally:
-            ldist.barrier()
-            if self.rank == 0 and view.name != UNIVERSAL_DIR:
-                shutil.rmtree(view, ignore_errors=True)
 
     def rollback(self, engine: Any, stateful: dict[str, Any], *, keep: Iterable[str] = ("loader",)) -> int:
         """After repeated non-finite steps: reload the newest complete checkpoint into ``engine`` and

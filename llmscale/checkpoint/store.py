@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from llmscale.errors import CheckpointError
 from llmscale.files import verify_listed_files
@@ -64,6 +64,12 @@ class CheckpointInfo:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def layout_dict(layout: Any) -> dict[str, int]:
+    """An engine's :class:`llmscale.parallel.Layout` as the manifest records it."""
+    return {"dp": int(layout.dp), "tp": int(layout.tp), "pp": int(layout.pp), "zero_stage": int(layout.zero_stage),
+            "world_size": int(layout.dp * layout.tp * layout.pp)}
 
 
 def children(p: Path) -> list[Path]:

@@ -18,8 +18,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from llmscale.checkpoint.store import ENGINE_DIR, MANIFEST, TMP_PREFIX, UNIVERSAL_DIR, read_manifest, verify_checkpoint
+from llmscale.checkpoint.store import (
+    ENGINE_DIR,
+    MANIFEST,
+    TMP_PREFIX,
+    UNIVERSAL_DIR,
+    layout_dict,
+    read_manifest,
+    verify_checkpoint,
+)
 from llmscale.errors import CheckpointError
 from llmscale.files import atomic_write_text, fsync_dir, hash_files, relative_files
 from llmscale.log import get_logger
@@ -104,3 +113,31 @@ def universal_view(ckpt: Path, *, saved_names: dict[str, str], target_names: dic
                 os.symlink(by_full[full].resolve(), view / "zero" / ds_name)
     ldist.barrier()
     return view
+
+
+def load_through_universal(ckpt: Path, m: dict, engine: Any, *, rank: int) -> dict:
+    """Load checkpoint ``ckpt`` (manifest ``m``) into an engine of another layout: rank 0 converts it (once;
+    the result is kept and listed in the manifest), every rank loads the universal folder under its own
+    parameter names. Returns DeepSpeed's client state. Collective."""
+    from llmscale import dist as ldist
+
+    saved, current = m["layout"], layout_dict(engine.layout)
+    log.warning("layout changed (saved dp=%d tp=%d pp=%d zero=%d, now dp=%d tp=%d pp=%d zero=%d): loading %s "
+                "through DeepSpeed's universal checkpoint", saved["dp"], saved["tp"], saved["pp"],
+                saved["zero_stage"], current["dp"], current["tp"], current["pp"], current["zero_stage"], ckpt.name)
+    err = None
+    if rank == 0:
+        try:
+            convert_to_universal(ckpt)
+        except CheckpointError as e:
+            err = str(e)
+    err = ldist.broadcast_object(err)
+    if err:
+        raise CheckpointError(err)
+    view = universal_view(ckpt, saved_names=m.get("param_names") or {}, target_names=engine.param_names, rank=rank)
+    try:
+        return engine.load(view, universal=True)
+    finally:
+        ldist.barrier()
+        if rank == 0 and view.name != UNIVERSAL_DIR:
+            shutil.rmtree(view, ignore_errors=True)
