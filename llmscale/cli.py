@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import keyword
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -122,6 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmscale ... | head`: the reader left; no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     return int(rc or 0)
 
 

@@ -13,11 +13,9 @@
                       flops_per_token=model.flops_per_token(cfg.data.seq_len))
     summary = trainer.fit()      # {"step": ..., "val_loss": ..., ...}
 
-Validation reports loss (nats per target token), perplexity and bits per byte. Bits per byte compare
-across tokenizers: total nats over the val targets / ln 2 / the UTF-8 bytes of those targets' text, where
-the bytes per token come from the dataset manifest (``splits.val.num_bytes / num_tokens``). A val split of
-at most :data:`FULL_EVAL_TOKENS` tokens is evaluated whole (exact numbers); a larger one on
-``train.eval_batches`` micro-batches per rank, always the same ones.
+Validation reports loss (nats per target token), perplexity and bits per byte, scored by
+:func:`llmscale.evaluate.lm_validation` (shared with the evaluation job): a small val split whole, a
+larger one on ``train.eval_batches`` micro-batches per rank, always the same ones.
 """
 from __future__ import annotations
 
@@ -26,14 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-
+from llmscale.evaluate import lm_validation
 from llmscale.log import get_logger
 from llmscale.metrics import MetricsLogger, device_peak_flops, memory_stats
 
 log = get_logger(__name__)
-
-FULL_EVAL_TOKENS = 1 << 18  # val splits up to this size are evaluated whole, every time
 
 
 @dataclass
@@ -231,31 +226,13 @@ class Trainer:
         self.metrics.log(rec)
 
     # ---- validation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss, perplexity and bits per byte (the same numbers on every rank)."""
+        """Validation loss, perplexity and bits per byte (the same numbers on every rank; see
+        :func:`llmscale.evaluate.lm_validation`), logged as a ``val`` record."""
         t0 = time.perf_counter()
-        full = self.loader.val_num_tokens <= FULL_EVAL_TOKENS
-        max_batches = None if full else self.cfg.train.eval_batches
-        loss_sum, n = 0.0, 0
-        for batch in self.loader.eval_batches(max_batches):
-            s, k = self.engine.eval_loss(batch)
-            loss_sum += s
-            n += k
-        if n == 0:
+        out = lm_validation(self.engine, self.loader, max_batches=self.cfg.train.eval_batches)
+        if not out:
             return {}
-        loss = loss_sum / n
-        val_tokens, val_bytes = self.loader.val_num_tokens, self.loader.val_num_bytes
-        bpb = None
-        if val_bytes > 0 and val_tokens > 0:
-            bpb = loss_sum / math.log(2) / (n * val_bytes / val_tokens)
-        out = {
-            "val_loss": loss,
-            "val_ppl": math.exp(min(loss, 700.0)),
-            "val_bpb": bpb,
-            "val_tokens": n,
-            "val_full": full,
-        }
         self.metrics.log({"kind": "val", "step": self.state.step, **out, "eval_time_s": time.perf_counter() - t0})
         self.last_eval = out
         return out

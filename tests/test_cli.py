@@ -80,3 +80,19 @@ def test_sizes_only_is_spelled_the_same_everywhere():
         assert parser.parse_args(["x", "--no-checksums"]).no_checksums is True
         with pytest.raises(SystemExit):
             parser.parse_args(["x", "--quick"])
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`llmscale ... | head`: once the reader has left, writing raises BrokenPipeError; the command ends quietly
+    with 141 (128 + SIGPIPE) instead of a traceback. Here stdout is a pipe whose read end is already closed."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "r, w = os.pipe()\n"
+            "os.close(r)\n"
+            "os.dup2(w, 1)\n"
+            "from llmscale.cli import main\n"
+            "sys.exit(main(['config', 'show']))\n")  # ~10 kB of output: more than one buffer flush inside main
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
