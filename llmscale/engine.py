@@ -233,8 +233,9 @@ class Engine:
 
     def __init__(self, *, cfg, ds, layout: Layout, plan: BatchPlan, topo: Optional[Topology], ctl: StepControl,
                  model: nn.Module, kinds: dict[str, str], name_map: dict[str, str], pipe_loss: Optional[_PipeLoss],
-                 ds_config: dict):
+                 ds_config: dict, loss_over: str = "micro_batch"):
         self.cfg = cfg
+        self.loss_over = loss_over
         self.ds = ds
         self.layout = layout
         self.plan = plan
@@ -325,26 +326,52 @@ class Engine:
         kwargs = {k: mb[k].to(dev) for k in _MODEL_KWARGS if k in mb}
         return mb["input_ids"].to(dev), kwargs
 
+    def _step_targets(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Targets (labels != -100) in this optimizer step over all micro-batches of all data-parallel ranks."""
+        n = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mb in micro_batches:
+            n += (mb["labels"] != -100).sum().to(self.device, torch.float32)
+        if self.layout.dp > 1:
+            dist.all_reduce(n, group=self._dp_group())
+        return n
+
     def _plain_step(self, micro_batches: list[dict], t: dict) -> float:
+        """Micro-batch losses averaged (``loss_over="micro_batch"``: each micro-batch's mean counts the same),
+        or (``"step_targets"``) each micro-batch's summed loss divided by the targets of the whole step, so
+        micro 4 x accumulation 1, micro 1 x accumulation 4 and DP 2 give the same gradients on variable-length
+        data. DeepSpeed divides by the accumulation steps and averages over data-parallel ranks; the scale
+        ``n_i * dp * gas / N`` undoes both."""
         ds = self.ds
         ds.train()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         n = len(micro_batches)
+        by_targets = self.loss_over == "step_targets"
+        if by_targets:
+            t3 = time.perf_counter()
+            step_targets = self._step_targets(micro_batches).clamp(min=1.0)
+            t["comm"] += time.perf_counter() - t3
         for i, mb in enumerate(micro_batches):
             ids, kwargs = self._inputs(mb)
             t0 = time.perf_counter()
             out = ds(ids, **kwargs)
             loss = out.loss if hasattr(out, "loss") else out
+            if by_targets:
+                n_i = (mb["labels"] != -100).sum().to(self.device, torch.float32)
+                summed = loss * n_i  # the models' mean is 0 (not NaN) for a micro-batch without targets
+                loss = summed * (self.layout.dp * n / step_targets)
+                total += summed.detach().float()
+            else:
+                total += loss.detach().float()
             t1 = time.perf_counter()
             ds.backward(loss)
             t2 = time.perf_counter()
-            total += loss.detach().float()
             t["forward"] += t1 - t0
             t["backward"] += t2 - t1
             if i == n - 1:
                 # One all-reduce over the world: loss average (TP ranks hold copies) and non-finite count.
                 t3 = time.perf_counter()
-                packed = torch.stack([total / n, (~torch.isfinite(total)).float()])
+                local = total / step_targets * self.layout.dp if by_targets else total / n
+                packed = torch.stack([local, (~torch.isfinite(total)).float()])
                 if dist.get_world_size() > 1:
                     dist.all_reduce(packed)
                 mean_loss = float(packed[0]) / dist.get_world_size()
@@ -528,11 +555,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan) -> Engine:
+def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan,
+                 loss_over: str = "micro_batch") -> Engine:
     """Wrap ``model`` (the full single-device model, built from the same seed on every rank) for the layout of
     ``cfg.parallel``. ``plan`` is :func:`llmscale.parallel.plan_run` of the same config and world size, computed
-    once by the caller. The default process group must exist (``llmscale.dist.init_distributed``)."""
+    once by the caller. The default process group must exist (``llmscale.dist.init_distributed``).
+
+    ``loss_over``: ``"micro_batch"`` (pretraining: fixed-length windows, each micro-batch's mean weighs the
+    same) or ``"step_targets"`` (fine-tuning: every target of the optimizer step weighs the same, whatever
+    the micro-batch split; not with a pipeline)."""
     import deepspeed
+
+    if loss_over not in ("micro_batch", "step_targets"):
+        raise ValueError(f"loss_over={loss_over!r}: expected 'micro_batch' or 'step_targets'.")
+    if loss_over == "step_targets" and plan.layout.pp > 1:
+        raise LayoutError("loss normalised over the targets of a whole step is not implemented for "
+                          f"pipeline_parallel={plan.layout.pp}: use parallel.pipeline_parallel=1 (data parallel with "
+                          "any ZeRO stage, or tensor parallel).")
 
     if plan.layout.world_size != world.world_size:
         raise LayoutError(f"the run plan is for {plan.layout.world_size} processes ({plan.layout.describe()}), the job "
@@ -599,4 +638,4 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan) -> En
              layout.describe(), batch.micro_batch_size, batch.grad_accum_steps, batch.dp_size,
              batch.global_batch_size, precision)
     return Engine(cfg=cfg, ds=ds, layout=layout, plan=batch, topo=topo, ctl=ctl, model=model, kinds=kinds,
-                  name_map=name_map, pipe_loss=pipe_loss, ds_config=ds_config)
+                  name_map=name_map, pipe_loss=pipe_loss, ds_config=ds_config, loss_over=loss_over)
