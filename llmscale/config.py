@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,7 +87,9 @@ class DataConfig:
 class ModelConfig:
     """Architecture. `preset` fills every field you do not set yourself."""
 
-    family: Literal["gpt", "bert", "lstm"] = doc("gpt", "gpt: causal LM; bert: masked LM; lstm: baseline LM.")
+    family: Literal["gpt", "bert", "lstm", "bilstm"] = doc(
+        "gpt", "gpt: causal LM; bert: masked LM; lstm: baseline LM; bilstm: BiLSTM + self-attention sequence "
+               "classifier (fine-tuning only, trained from scratch; d_model = embedding width, d_model/2 per direction).")
     preset: Optional[str] = doc(None, "Named preset (see `llmscale config presets`); explicit fields override it.")
     n_layers: int = doc(2, "Transformer blocks (or LSTM layers).")
     d_model: int = doc(128, "Hidden width.")
@@ -115,17 +118,21 @@ class ModelConfig:
         name = raw.get("preset")
         if not name:
             return {}
-        from llmscale.models.presets import PRESETS  # local: keeps config import light
+        from llmscale.models.presets import CLASSIFIER_PRESETS, PRESETS  # local: keeps config import light
 
-        if name not in PRESETS:
-            raise ConfigError(f"model.preset={name!r} is unknown. Choose one of: {', '.join(sorted(PRESETS))}.")
-        return dict(PRESETS[name])
+        known = {**PRESETS, **CLASSIFIER_PRESETS}
+        if name not in known:
+            raise ConfigError(f"model.preset={name!r} is unknown. Choose one of: {', '.join(sorted(known))}.")
+        return dict(known[name])
 
     def validate(self) -> None:
         for k in ("n_layers", "d_model", "n_heads", "max_seq_len"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"model.{k} must be >= 1, got {getattr(self, k)}.")
-        if self.family != "lstm" and self.d_model % self.n_heads:
+        if self.family == "bilstm" and self.d_model % 2:
+            raise ConfigError(f"model.d_model={self.d_model} must be even for family=bilstm (d_model/2 hidden units "
+                              f"per direction); use {self.d_model + 1}.")
+        if self.family not in ("lstm", "bilstm") and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 f"pick n_heads among {[h for h in range(1, self.d_model + 1) if self.d_model % h == 0][-6:]}."
@@ -383,9 +390,14 @@ def _fail_int(key: str, value: Any) -> int:
     raise ConfigError(f"{key} must be an integer, got {value!r}.")
 
 
+def config_key(name: str) -> str:
+    """The config key of a field: its name, except that ``from_`` (a Python keyword plus ``_``) is ``from``."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _from_dict(cls: type[_T], raw: dict, prefix: str = "") -> _T:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {config_key(f.name): f for f in dataclasses.fields(cls)}
     base = cls.preset_defaults(raw) if hasattr(cls, "preset_defaults") else {}
     merged = {**base, **raw}
     kwargs = {}
@@ -397,7 +409,7 @@ def _from_dict(cls: type[_T], raw: dict, prefix: str = "") -> _T:
             raise ConfigError(
                 f"Unknown config key {key!r}.{hint} Valid keys here: {', '.join(sorted(fields))}."
             )
-        kwargs[k] = _coerce(v, hints[k], key)
+        kwargs[fields[k].name] = _coerce(v, hints[fields[k].name], key)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a field without default missing
@@ -482,8 +494,15 @@ def load_config(cls: type[_T], path: str | Path | None = None, overrides: list[s
     return from_dict(cls, raw)
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """The config tree as plain data, keyed as in YAML (see :func:`config_key`)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {config_key(f.name): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 def save_resolved(cfg: Any, path: str | Path) -> Path:
@@ -501,7 +520,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
+        key = f"{prefix}.{config_key(f.name)}" if prefix else config_key(f.name)
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key))

@@ -433,6 +433,27 @@ class Engine:
             dist.all_reduce(packed, group=self._dp_group())
         return float(packed[0]), int(round(float(packed[1])))
 
+    @torch.no_grad()
+    def predict(self, batch: dict) -> Any:
+        """The model output (logits, ...) of one evaluation micro-batch of this rank, in eval mode (no dropout).
+        Not with a pipeline (its last stage alone holds the logits)."""
+        if self.pipeline:
+            raise LayoutError("Engine.predict needs pipeline_parallel=1 (a pipeline's last stage alone holds the "
+                              "logits); score with eval_loss, or run on a layout without a pipeline.")
+        self.ds.eval()
+        try:
+            ids, kwargs = self._inputs(batch)
+            kwargs.pop("labels", None)
+            return self.ds(ids, **kwargs)
+        finally:
+            self.ds.train()
+
+    def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the data-parallel ranks in place (a no-op on one); returns it."""
+        if self.layout.dp > 1:
+            dist.all_reduce(t, group=self._dp_group())
+        return t
+
     # ---- checkpoints
     def universal_checkpoint_info(self) -> dict:
         """Parameter patterns for ``deepspeed.checkpoint.ds_to_universal`` (names as DeepSpeed saves them):

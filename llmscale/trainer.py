@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -64,6 +65,37 @@ class BadStepGuard:
         return False
 
 
+class BestTracker:
+    """The best validation so far and early stopping (``patience`` validations without improvement; 0 = never
+    stop). ``metric`` is a key of the validation dict; higher is better except for losses. Stateful."""
+
+    def __init__(self, metric: str, *, patience: int = 0) -> None:
+        self.metric = metric
+        self.patience = patience
+        self.higher_is_better = "loss" not in metric
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.bad_evals = 0
+
+    def update(self, metrics: dict, step: int) -> tuple[bool, bool]:
+        """``(is_best, stop)`` after the validation of ``step``."""
+        value = float(metrics[self.metric])
+        better = self.best is None or (value > self.best if self.higher_is_better else value < self.best)
+        if better:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return better, bool(self.patience and self.bad_evals >= self.patience)
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = None if state["best"] is None else float(state["best"])
+        self.best_step = None if state["best_step"] is None else int(state["best_step"])
+        self.bad_evals = int(state["bad_evals"])
+
+
 class _Window:
     """Sums over the steps since the last log line, averaged when it is written."""
 
@@ -104,12 +136,18 @@ class Trainer:
     once any rank was signalled, all ranks agree at the next step boundary, save (``force=True``) and
     return with ``stopped=True`` (the job then exits :data:`llmscale.signals.EXIT_REQUEUE`). ``flops_per_token``:
     training FLOPs per token, for MFU.
-    ``resume_from`` / ``no_resume``: passed to ``checkpoints.resume``."""
+    ``resume_from`` / ``no_resume``: passed to ``checkpoints.resume``.
+
+    Fine-tuning hooks: ``validate`` (a collective returning the validation dict, instead of the language-model
+    validation), ``best`` (a :class:`BestTracker`: the checkpoint of each new best validation is saved and
+    marked best, and ``patience`` stops the run early), ``tokens_in`` (the real tokens of a step's
+    micro-batches over all ranks, instead of global batch x seq_len, for dynamically padded batches)."""
 
     def __init__(self, cfg: Any, *, engine: Any, loader: Any, world: Any, metrics: MetricsLogger,
                  flops_per_token: Optional[float] = None, checkpoints: Any = None,
                  handle_signals: bool = True, resume_from: Optional[str] = None,
-                 no_resume: bool = False) -> None:
+                 no_resume: bool = False, validate: Optional[Callable[[], dict]] = None,
+                 best: Optional[BestTracker] = None, tokens_in: Optional[Callable[[list], int]] = None) -> None:
         self.cfg = cfg
         self.engine = engine
         self.loader = loader
@@ -125,10 +163,16 @@ class Trainer:
         self.seq_len = cfg.data.seq_len
         self.global_batch = engine.plan.global_batch_size
         self.last_eval: dict[str, Any] = {}
+        self.validate = validate
+        self.best = best
+        self.tokens_in = tokens_in
 
     # ---- what a checkpoint holds besides the engine
     def stateful(self) -> dict[str, Any]:
-        return {"trainer": self.state, "loader": self.loader}
+        out = {"trainer": self.state, "loader": self.loader}
+        if self.best is not None:
+            out["best"] = self.best
+        return out
 
     # ---- the loop
     def fit(self) -> dict[str, Any]:
@@ -166,7 +210,7 @@ class Trainer:
             result.timings["data"] = t_data
             self.state.step += 1
             self.state.samples_seen += self.global_batch
-            tokens = self.global_batch * self.seq_len
+            tokens = self.tokens_in(micro_batches) if self.tokens_in else self.global_batch * self.seq_len
             self.state.tokens_seen += tokens
             now = time.perf_counter()
             window.add(result, tokens=tokens, wall=now - t_last)
@@ -183,18 +227,33 @@ class Trainer:
                 window.reset()
                 t_last = time.perf_counter()
                 continue
+            early = False
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                self.evaluate()
+                out = self.evaluate()
+                if self.best is not None and out:
+                    is_best, early = self.best.update(out, step)
+                    if is_best and self.checkpoints is not None:
+                        self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=True)
+                        self.checkpoints.mark_best(step, metric=self.best.metric, value=self.best.best)
+                    if early:
+                        log.warning("early stop at step %d: %s has not improved on %.6g (step %d) for %d validations",
+                                    step, self.best.metric, self.best.best, self.best.best_step, self.best.bad_evals)
             stop = preemption.should_stop() if preemption is not None else False
             if self.checkpoints is not None:
-                force = stop or (last and self.cfg.checkpoint.save_at_end)
+                force = stop or early or (last and self.cfg.checkpoint.save_at_end)
                 self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=force)
             t_last = time.perf_counter()  # eval and checkpoint time is not step time
             if stop:
                 log.warning("stop requested: saved at step %d; re-run the same command to resume", step)
                 stopped = True
                 break
-        return {**self.state.state_dict(), **self.last_eval, "stopped": stopped}
+            if early:
+                break
+        out = {**self.state.state_dict(), **self.last_eval, "stopped": stopped}
+        if self.best is not None:
+            out.update(best_metric=self.best.metric, best_value=self.best.best, best_step=self.best.best_step,
+                       early_stopped=bool(self.best.patience and self.best.bad_evals >= self.best.patience))
+        return out
 
     def _log_train(self, w: _Window, lr: float) -> None:
         if w.steps == 0:
@@ -230,7 +289,10 @@ class Trainer:
         """Validation loss, perplexity and bits per byte (the same numbers on every rank; see
         :func:`llmscale.evaluate.lm_validation`), logged as a ``val`` record."""
         t0 = time.perf_counter()
-        out = lm_validation(self.engine, self.loader, max_batches=self.cfg.train.eval_batches)
+        if self.validate is not None:
+            out = self.validate()
+        else:
+            out = lm_validation(self.engine, self.loader, max_batches=self.cfg.train.eval_batches)
         if not out:
             return {}
         self.metrics.log({"kind": "val", "step": self.state.step, **out, "eval_time_s": time.perf_counter() - t0})

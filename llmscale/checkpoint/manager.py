@@ -40,6 +40,7 @@ from typing import Any, Optional
 from llmscale import dist as ldist
 from llmscale.checkpoint import codec
 from llmscale.checkpoint.store import (
+    BEST,
     CHECKPOINTS,
     CONFIG_FILE,
     ENGINE_DIR,
@@ -254,6 +255,15 @@ class CheckpointManager:
             self._crash_point("retention", step)
             shutil.rmtree(trash, ignore_errors=True)
             log.info("retention: removed %s", info.name)
+
+    def mark_best(self, step: int, *, metric: str, value: float) -> None:
+        """Record checkpoint ``step`` (already saved) as the best so far: RUN_DIR/checkpoints/best.json, written
+        atomically by rank 0; retention never removes it. Collective."""
+        if self.rank == 0:
+            name = step_name(step)
+            atomic_write_text(self.dir / BEST, json.dumps({"step": step, "name": name, "metric": metric,
+                                                           "value": value, "path": str(self.dir / name)}, indent=1))
+        ldist.barrier()
 
     # ---------------------------------------------------------------- find
     def latest_complete(self) -> Optional[CheckpointInfo]:

@@ -3,6 +3,7 @@
 A run directory holds::
 
     RUN_DIR/checkpoints/latest                    "step-000200" (switched with write-temp + os.replace)
+    RUN_DIR/checkpoints/best.json                 fine-tuning: the best validation's step, metric, value, path
     RUN_DIR/checkpoints/step-000200/manifest.json written LAST: every file's size and sha256, layout, step
     RUN_DIR/checkpoints/step-000200/model/...     DeepSpeed's per-rank model + optimizer shards (tag dir)
     RUN_DIR/checkpoints/step-000200/state/rank-00000.json|.safetensors   stateful objects of each rank
@@ -35,6 +36,7 @@ FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+BEST = "best.json"
 ENGINE_DIR = "model"
 UNIVERSAL_DIR = "universal"
 STATE_DIR = "state"
@@ -187,7 +189,23 @@ def retention_victims(ckpt_dir: Path, *, keep_last: int, keep_every: int) -> lis
     keep.add(complete[-1].step)
     if keep_every:
         keep |= {i.step for i in complete if i.step % keep_every == 0}
+    best = read_best(ckpt_dir)
+    if best is not None:
+        keep.add(int(best["step"]))  # the best checkpoint is never removed
     return [i for i in complete if i.step not in keep]
+
+
+def read_best(run_or_ckpt_dir: str | Path) -> Optional[dict]:
+    """The ``best`` pointer of a run (``{"step", "name", "metric", "value", "path"}``), None without one."""
+    p = checkpoints_dir(run_or_ckpt_dir) / BEST
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or parse_step(str(data.get("name", ""))) is None:
+        log.warning("%s is not a best-checkpoint pointer: ignored.", p)
+        return None
+    return data
 
 
 def clean_stale(ckpt_dir: Path) -> None:

@@ -1,0 +1,116 @@
+"""The typed config of ``llmscale finetune``: the same conventions as the pretraining tree (every field
+documented, unknown keys fail, dotted overrides), and the same ``model`` / ``optim`` / ``parallel`` /
+``checkpoint`` / ``deepspeed`` sections, so the engine and the checkpoints work unchanged.
+
+    cfg = load_config(FinetuneConfig, "configs/finetune_sst2_bert.yaml", ["optim.lr=3e-5"])
+
+What a fine-tune adds: where the initial weights come from (``init``), the task (``classify``, ``sft`` or
+``lm``) with its data section, and early stopping (``train.patience`` on ``train.metric``).
+
+What does not live here: the pretraining tree (:mod:`llmscale.config`, whose machinery this module uses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llmscale.config import (CheckpointConfig, DataConfig, DeepSpeedExtra, ModelConfig, OptimConfig, ParallelConfig,
+                             doc)
+from llmscale.errors import ConfigError
+
+
+@dataclass
+class InitConfig:
+    """Where the weights of step 0 come from (weights only: the optimizer and schedule start afresh)."""
+
+    from_: str = doc("scratch", "A pretraining run dir, a checkpoint of any layout, an llmscale model folder, a "
+                                "transformers folder, or `scratch` (model.* with random weights).")
+    tokenizer: str = doc("", "llmscale tokenizer folder; needed with from=scratch (else it comes with the weights).")
+
+
+@dataclass
+class ClassifyConfig:
+    """task=classify: text (or text pair) -> one of N labels."""
+
+    train: list[str] = doc(text="Training files: .tsv/.csv/.jsonl, a folder-per-label root, or a .tar.gz/.zip "
+                                "member (see llmscale.data.finetune).", factory=list)
+    val: list[str] = doc(text="Validation files, same forms as `train` (empty: no validation).", factory=list)
+    split: str = doc("", "Folder-per-label layouts: the split folder to read for training (e.g. train).")
+    val_split: str = doc("", "Folder-per-label layouts: the split folder to read for validation (e.g. test).")
+    text_field: str = doc("sentence", "Column / JSON field holding the text.")
+    text_pair_field: str = doc("", "Column / field of a second text (sentence pairs); empty = none.")
+    label_field: str = doc("label", "Column / field holding the label.")
+    labels: list[str] = doc(text="Label names in class order (empty: the sorted labels of the training data).",
+                            factory=list)
+    max_len: int = doc(128, "Tokens per example, special tokens included; longer texts are truncated (counted).")
+    truncation: Literal["head", "head_tail"] = doc("head", "Keep the first tokens, or the first and last ones.")
+    pooling: Literal["auto", "cls_pooler", "cls", "mean", "last", "attention"] = doc(
+        "auto", "auto: cls_pooler for BERT, last for GPT, attention for the BiLSTM.")
+    class_weights: list[float] = doc(text="Loss weight per class, in label order (empty: all 1).", factory=list)
+    dropout: float = doc(0.1, "Dropout before the classifier layer.")
+
+    def validate(self) -> None:
+        if self.max_len < 4:
+            raise ConfigError(f"classify.max_len must be >= 4, got {self.max_len}.")
+        if self.class_weights and any(not w > 0 for w in self.class_weights):
+            raise ConfigError("classify.class_weights must all be > 0.")
+        if self.class_weights and self.labels and len(self.class_weights) != len(self.labels):
+            raise ConfigError(f"classify.class_weights has {len(self.class_weights)} entries for "
+                              f"{len(self.labels)} classify.labels: give one weight per label.")
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """The fine-tuning loop."""
+
+    steps: int = doc(1000, "Optimizer steps to run.")
+    seed: int = doc(1234, "Seed of the head's initialisation, dropout and the example order.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on GPUs that support it, fp32 on CPU.")
+    compile: bool = doc(False, "torch.compile the model.")
+    log_every: int = doc(10, "Log metrics every N steps.")
+    eval_every: int = doc(100, "Validate every N steps (0 = only at the end).")
+    eval_batches: int = doc(0, "Validation micro-batches per rank and evaluation (0 = the whole validation set).")
+    metric: Literal["accuracy", "f1", "loss"] = doc("accuracy", "Validation metric that picks the best checkpoint.")
+    patience: int = doc(0, "Stop after this many validations without a better metric (0 = never stop early).")
+    tensorboard: bool = doc(True, "Also write TensorBoard event files under RUN_DIR/tb.")
+    log_all_ranks: bool = doc(False, "Log from every rank, not only rank 0.")
+    nan_policy: Literal["skip", "raise"] = doc(
+        "skip", "On a non-finite loss or grad norm: skip the step on every rank, or stop.")
+    max_bad_steps: int = doc(3, "Roll back to the last checkpoint after this many bad steps in a row (0 = never).")
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}.")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}.")
+        if self.eval_every < 0 or self.eval_batches < 0 or self.patience < 0:
+            raise ConfigError("train.eval_every, train.eval_batches and train.patience must be >= 0.")
+
+
+@dataclass
+class FinetuneConfig:
+    """The whole fine-tuning run."""
+
+    run_dir: str = doc("runs/finetune", "Output folder: resolved config, metrics, checkpoints, best, export.")
+    task: Literal["classify"] = doc("classify", "classify: text classification (sft and lm: not yet).")
+    init: InitConfig = doc(text="Initial weights.", factory=InitConfig)
+    model: ModelConfig = doc(text="Architecture for from=scratch (else taken from the weights).", factory=ModelConfig)
+    classify: ClassifyConfig = doc(text="task=classify.", factory=ClassifyConfig)
+    data: DataConfig = doc(text="Set by the job from the task (data.seq_len = classify.max_len).", factory=DataConfig)
+    optim: OptimConfig = doc(text="Optimizer and schedule.", factory=OptimConfig)
+    parallel: ParallelConfig = doc(text="Layout and batch sizes (data parallel; ZeRO 0-3).", factory=ParallelConfig)
+    train: FinetuneTrainConfig = doc(text="Fine-tuning loop.", factory=FinetuneTrainConfig)
+    checkpoint: CheckpointConfig = doc(text="Checkpoints.", factory=CheckpointConfig)
+    deepspeed: DeepSpeedExtra = doc(text="Typed extra DeepSpeed keys.", factory=DeepSpeedExtra)
+
+    def validate(self) -> None:
+        if self.task == "classify" and not self.classify.train:
+            raise ConfigError("task=classify needs classify.train: the training files (e.g. "
+                              "classify.train=[data/sst2/train.tsv]).")
+        if self.parallel.pipeline_parallel > 1 or self.parallel.tensor_parallel > 1:
+            raise ConfigError(
+                f"llmscale finetune runs data parallel (any ZeRO stage 0-3); got tensor_parallel="
+                f"{self.parallel.tensor_parallel} pipeline_parallel={self.parallel.pipeline_parallel}. Set "
+                f"parallel.tensor_parallel=1 parallel.pipeline_parallel=1 (a checkpoint of any layout still loads).")
+        if self.train.metric == "f1" and self.task != "classify":
+            raise ConfigError("train.metric=f1 needs task=classify.")
