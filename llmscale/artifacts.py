@@ -138,7 +138,9 @@ class LoadedModel:
     ``config``: the resolved ModelConfig; ``run_config``: the RunConfig when the source is a run or a
     checkpoint (None for model folders); ``tokenizer_dir``: the llmscale tokenizer folder, if the source
     carries one; ``tokenizer``: an llmscale Tokenizer, an :class:`HFTokenizer`, or None; ``kind``: one of
-    "run", "checkpoint", "model_folder"; ``path``: the file or folder the weights came from."""
+    "run", "checkpoint", "model_folder"; ``path``: the file or folder the weights came from; ``classifier``:
+    the head's ClassifierConfig when the model is a sequence classifier (``model.config`` is then its
+    backbone's ModelConfig)."""
 
     model: Any
     config: Any
@@ -147,6 +149,7 @@ class LoadedModel:
     kind: str
     path: Path
     run_config: Any = None
+    classifier: Any = None  # the ClassifierConfig of a SequenceClassifier (fine-tuned runs and their exports)
 
     def require_tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
@@ -176,24 +179,39 @@ def _load_final(run_dir: Path, device: str) -> LoadedModel:
     from llmscale.config import RunConfig, from_dict, read_yaml
     from llmscale.models import build_model
 
-    cfg = from_dict(RunConfig, read_yaml(run_dir / CONFIG_FILE))
-    model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
+    raw = read_yaml(run_dir / CONFIG_FILE)
+    if "task" in raw:  # a fine-tuning run
+        from llmscale.config_finetune import FinetuneConfig, classifier_config
+        from llmscale.models.classify import SequenceClassifier
+
+        cfg = from_dict(FinetuneConfig, raw)
+        model = SequenceClassifier.from_config(cfg.model, classifier_config(cfg), vocab_size=cfg.model.vocab_size)
+    else:
+        cfg = from_dict(RunConfig, raw)
+        model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
     model.load_state_dict(torch.load(final_weights_path(run_dir), map_location="cpu", weights_only=True))
     model.to(device).eval()
     tok_dir = _run_tokenizer_dir(run_dir)
     return LoadedModel(model=model, config=model.config, tokenizer=_tokenizer_of(tok_dir, None),
-                       tokenizer_dir=tok_dir, kind="run", path=final_weights_path(run_dir), run_config=cfg)
+                       tokenizer_dir=tok_dir, kind="run", path=final_weights_path(run_dir), run_config=cfg,
+                       classifier=getattr(model, "clf_config", None))
 
 
 def load_model(source: str | Path, *, device: str = "cpu") -> LoadedModel:
     """The model (eval mode, on ``device``), its tokenizer and configs from SOURCE, any kind listed in the
     module doc. A run directory with final weights loads those; without, its newest complete checkpoint."""
     from llmscale.models.hf import LLMSCALE_CONFIG, llmscale_tokenizer_dir, load_model_folder
+    from llmscale.models.hf_classify import CLASSIFIER_CONFIG, load_classifier_folder
 
     p = Path(source)
     if not p.exists():
         raise ExportError(f"{source} does not exist: give a model folder (`llmscale export` / `llmscale import` "
                           f"output), a run directory or a checkpoint.")
+    if p.is_dir() and (p / CLASSIFIER_CONFIG).is_file():
+        model, cfg, clf = load_classifier_folder(p, device=device)
+        tok_dir = llmscale_tokenizer_dir(p)
+        return LoadedModel(model=model, config=cfg, tokenizer=_tokenizer_of(tok_dir, p), tokenizer_dir=tok_dir,
+                           kind="model_folder", path=p, classifier=clf)
     if p.is_dir() and ((p / LLMSCALE_CONFIG).is_file() or (p / "config.json").is_file()):
         model, cfg = load_model_folder(p, device=device)
         tok_dir = llmscale_tokenizer_dir(p)
@@ -211,7 +229,8 @@ def load_model(source: str | Path, *, device: str = "cpu") -> LoadedModel:
         run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
         tok_dir = _run_tokenizer_dir(run_dir)
         return LoadedModel(model=model, config=model.config, tokenizer=_tokenizer_of(tok_dir, None),
-                           tokenizer_dir=tok_dir, kind="checkpoint", path=ckpt, run_config=run_cfg)
+                           tokenizer_dir=tok_dir, kind="checkpoint", path=ckpt, run_config=run_cfg,
+                           classifier=getattr(model, "clf_config", None))
     raise ExportError(
         f"{source} is neither a model folder (no {LLMSCALE_CONFIG} / config.json), nor a finished run directory "
         f"({CONFIG_FILE} + {FINAL_DIR}/{FINAL_WEIGHTS}), nor a checkpoint (`llmscale ckpt list {source}` shows a "

@@ -88,8 +88,8 @@ class ModelConfig:
     """Architecture. `preset` fills every field you do not set yourself."""
 
     family: Literal["gpt", "bert", "lstm", "bilstm"] = doc(
-        "gpt", "gpt: causal LM; bert: masked LM; lstm: baseline LM; bilstm: BiLSTM + self-attention sequence "
-               "classifier (fine-tuning only, trained from scratch; d_model = embedding width, d_model/2 per direction).")
+        "gpt", "gpt: causal LM; bert: masked LM; lstm: baseline LM; bilstm: BiLSTM + self-attention classifier "
+               "(fine-tuning only, from scratch; d_model = embedding width, d_model/2 units per direction).")
     preset: Optional[str] = doc(None, "Named preset (see `llmscale config presets`); explicit fields override it.")
     n_layers: int = doc(2, "Transformer blocks (or LSTM layers).")
     d_model: int = doc(128, "Hidden width.")

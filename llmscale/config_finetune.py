@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llmscale.config import (CheckpointConfig, DataConfig, DeepSpeedExtra, ModelConfig, OptimConfig, ParallelConfig,
-                             doc)
+from llmscale.config import CheckpointConfig, DataConfig, DeepSpeedExtra, ModelConfig, OptimConfig, ParallelConfig, doc
 from llmscale.errors import ConfigError
 
 
@@ -114,3 +113,26 @@ class FinetuneConfig:
                 f"parallel.tensor_parallel=1 parallel.pipeline_parallel=1 (a checkpoint of any layout still loads).")
         if self.train.metric == "f1" and self.task != "classify":
             raise ConfigError("train.metric=f1 needs task=classify.")
+
+
+_AUTO_POOLING = {"bert": "cls_pooler", "gpt": "last", "bilstm": "attention"}
+
+
+def resolve_pooling(pooling: str, family: str) -> str:
+    """``classify.pooling`` for a backbone of ``family``: ``auto`` picks cls_pooler / last / attention."""
+    if pooling != "auto":
+        return pooling
+    if family not in _AUTO_POOLING:
+        raise ConfigError(f"model.family={family!r} has no classifier: fine-tune a bert or gpt model, or train "
+                          f"model.family=bilstm from scratch (init.from=scratch).")
+    return _AUTO_POOLING[family]
+
+
+def classifier_config(cfg: FinetuneConfig):
+    """The :class:`llmscale.models.classify.ClassifierConfig` of a resolved run config (labels and pooling set
+    by the job before it saves the config, so a checkpoint rebuilds the same head)."""
+    from llmscale.models.classify import ClassifierConfig
+
+    c = cfg.classify
+    return ClassifierConfig(num_labels=len(c.labels), pooling=resolve_pooling(c.pooling, cfg.model.family),
+                            labels=list(c.labels), class_weights=list(c.class_weights) or None, dropout=c.dropout)

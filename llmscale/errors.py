@@ -56,3 +56,8 @@ class QuickstartError(UserError, RuntimeError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """A non-finite loss or gradient norm with ``train.nan_policy=raise``; the message says what to change."""
+
+
+class FinetuneDataError(UserError, ValueError):
+    """Fine-tuning data (classification or SFT) that cannot be read or used as it is; the message names the
+    file and line, the problem and the fix."""

@@ -52,8 +52,9 @@ def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint_model(ckpt: str | Path) -> tuple[Any, Any]:
-    """``(model in eval mode, RunConfig)`` rebuilt from checkpoint folder ``ckpt`` (its config.yaml) with the
-    consolidated weights. Refuses a damaged checkpoint and weights that do not fit the config's model."""
+    """``(model in eval mode, run config)`` rebuilt from checkpoint folder ``ckpt`` (its config.yaml: a
+    RunConfig, or a FinetuneConfig whose classifier is rebuilt) with the consolidated weights. Refuses a
+    damaged checkpoint and weights that do not fit the config's model."""
     from llmscale.config import RunConfig, from_dict, read_yaml
     from llmscale.models import build_model
 
@@ -65,8 +66,16 @@ def load_checkpoint_model(ckpt: str | Path) -> tuple[Any, Any]:
     if not (ckpt / CONFIG_FILE).is_file():
         raise CheckpointError(f"{ckpt} has no {CONFIG_FILE} (it was not written by `llmscale train`): cannot rebuild "
                               f"the model.")
-    cfg = from_dict(RunConfig, read_yaml(ckpt / CONFIG_FILE))
-    model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
+    raw = read_yaml(ckpt / CONFIG_FILE)
+    if "task" in raw:  # a fine-tuning run: the classifier its config describes
+        from llmscale.config_finetune import FinetuneConfig, classifier_config
+        from llmscale.models.classify import SequenceClassifier
+
+        cfg = from_dict(FinetuneConfig, raw)
+        model = SequenceClassifier.from_config(cfg.model, classifier_config(cfg), vocab_size=cfg.model.vocab_size)
+    else:
+        cfg = from_dict(RunConfig, raw)
+        model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
     sd = consolidated_state_dict(ckpt, m)
     # tied weights are stored once; their aliases are the same Parameter in the model
     missing, unexpected = model.load_state_dict(sd, strict=False)

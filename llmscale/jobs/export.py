@@ -40,13 +40,29 @@ def main(args: argparse.Namespace) -> int:
     # a training checkpoint of any layout (or a run directory without final weights) is consolidated first
     loaded = load_model(args.source)
     model, cfg, tok_dir = loaded.model, loaded.config, loaded.tokenizer_dir
-    arch = hf_architecture(cfg)  # refuse before anything is written
+    if loaded.classifier is not None:
+        from llmscale.errors import ExportError
+        from llmscale.models.hf_classify import classifier_architecture
+
+        try:
+            arch = classifier_architecture(cfg, loaded.classifier)
+        except ExportError as e:  # no transformers class: export_classifier writes an llmscale-only folder
+            log.warning("%s", e)
+            arch = None
+    else:
+        arch = hf_architecture(cfg)  # refuse before anything is written
     tokenizer = args.tokenizer or tok_dir
     if tokenizer is None:
         log.warning("%s carries no llmscale tokenizer and --tokenizer was not given: %s gets weights and configs "
                     "only (AutoTokenizer will not load it)", args.source, args.output)
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
-    out = export_model(model, cfg, tokenizer, args.output, overwrite=args.overwrite, dtype=dtype)
+    if loaded.classifier is not None:
+        from llmscale.models.hf_classify import export_classifier
+
+        out = export_classifier(model, cfg, loaded.classifier, tokenizer, args.output, overwrite=args.overwrite,
+                                dtype=dtype)
+    else:
+        out = export_model(model, cfg, tokenizer, args.output, overwrite=args.overwrite, dtype=dtype)
     print(json.dumps({"output": str(out), "architecture": arch, "family": cfg.family,
                       "num_params": model.num_params(), "tokenizer": str(tokenizer) if tokenizer else None}, indent=2))
     return 0

@@ -16,6 +16,9 @@ BertForPreTraining. State-dict names:
     mlm_head.transform.dense.{weight,bias}, mlm_head.transform.norm.{weight,bias}
     mlm_head.decoder.bias (V), mlm_head.decoder.weight (untied only)
     nsp_head.pooler.{weight,bias}, nsp_head.classifier.{weight,bias}     (nsp_head only)
+
+:class:`BertBackbone` is the encoder alone (embeddings + blocks + norms, no heads; hidden states out) under the
+same names: the backbone of :class:`llmscale.models.classify.SequenceClassifier`.
 """
 from __future__ import annotations
 
@@ -107,16 +110,45 @@ class _NSPHead(nn.Module):
         return self.classifier(torch.tanh(self.pooler(cls_hidden)))  # (B, 2)
 
 
-class BERT(LanguageModel):
+class _EncoderTrunk:
+    """tok_embed -> embed -> blocks -> [final_norm]: the part BERT and BertBackbone share, under the same
+    attribute (hence state-dict) names. A mixin of nn.Module subclasses."""
+
+    _TRUNK = ("tok_embed", "embed", "blocks", "final_norm")
+
+    def _build_trunk(self, cfg) -> None:
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = _Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, causal=False, gelu_approximate="none") for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder output (B, T, C). attention_mask (B, T) 1 = real, 0 = padding; token_type_ids (B, T)
+        segment ids (default 0)."""
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}: use a "
+                             f"shorter data.seq_len or a model with a larger max_seq_len.")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        key_mask = _key_mask(attention_mask)
+        x = self.embed(self.tok_embed(input_ids), token_type_ids)  # (B, T, C)
+        ckpt = self.config.activation_checkpointing and self.training
+        for block in self.blocks:
+            x = run_block(block, x, key_mask, ckpt)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x
+
+
+class BERT(_EncoderTrunk, LanguageModel):
     """Masked LM (+ NSP). ``cfg`` must be resolved (see :func:`llmscale.models.build_model`)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed = _Embeddings(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, causal=False, gelu_approximate="none") for _ in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+        self._build_trunk(cfg)
         self.mlm_head = _MLMHead(cfg, tied=cfg.tie_embeddings)
         self.nsp_head = _NSPHead(cfg) if cfg.nsp_head else None
         init_weights(self, std=cfg.init_std, n_layers=cfg.n_layers)
@@ -137,19 +169,7 @@ class BERT(LanguageModel):
         """input_ids (B, T); attention_mask (B, T) 1 = real, 0 = padding; token_type_ids (B, T) segment ids
         (default 0); labels (B, T) the original id at masked positions, -100 elsewhere; next_sentence_label
         (B,) 0 = B follows A, 1 = random (needs the NSP head)."""
-        B, T = input_ids.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}: use a "
-                             f"shorter data.seq_len or a model with a larger max_seq_len.")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        key_mask = _key_mask(attention_mask)
-        x = self.embed(self.tok_embed(input_ids), token_type_ids)  # (B, T, C)
-        ckpt = self.config.activation_checkpointing and self.training
-        for block in self.blocks:
-            x = run_block(block, x, key_mask, ckpt)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
+        x = self.hidden_states(input_ids, attention_mask, token_type_ids)  # (B, T, C)
         t = self.mlm_head.transform(x)
         logits = _add_bias(F.linear(t, self._decoder_weight()), self.mlm_head.decoder.bias)  # (B, T, V)
         nsp_logits = self.nsp_head(x[:, 0]) if self.nsp_head is not None else None
@@ -226,3 +246,32 @@ class BERT(LanguageModel):
             layers.append(LayerDef("mlm_decoder", self.mlm_head.decoder, "mlm_head.decoder.", None,
                                    on_first(lambda mod, t: _add_bias(F.linear(t, mod.weight), mod.bias))))
         return layers
+
+
+class BertBackbone(_EncoderTrunk, nn.Module):
+    """BERT's encoder without heads: ``forward(input_ids, attention_mask, token_type_ids)`` -> hidden states
+    (B, T, C). Names as BERT's (tok_embed, embed.*, blocks.{i}.*, final_norm); :meth:`of` shares a BERT's
+    modules."""
+
+    def __init__(self, cfg, *, init: bool = True):
+        super().__init__()
+        self.config = cfg
+        self._build_trunk(cfg)
+        if init:
+            init_weights(self, std=cfg.init_std, n_layers=cfg.n_layers)
+
+    @classmethod
+    def of(cls, lm: BERT) -> BertBackbone:
+        """A backbone holding ``lm``'s own modules (parameters shared, not copied; MLM and NSP heads left out)."""
+        with torch.device("meta"):
+            bb = cls(lm.config, init=False)
+        for name in cls._TRUNK:
+            setattr(bb, name, getattr(lm, name))
+        return bb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.hidden_states(input_ids, attention_mask, token_type_ids)
+
+    def tp_plan(self) -> dict[str, str]:
+        return TP_PLAN

@@ -21,6 +21,11 @@ classifier (C*C + 2C)/T; LSTM 8*C*C per layer), and 12*L*nh*hd*T counts the atte
 weighted sum AV over the *full* T x T matrix (PaLM's convention, also nanoGPT's MFU): causal masking is not
 halved, so MFU figures are comparable with PaLM/Megatron reports. Embedding lookups, norms, biases, softmax
 and activations are not counted (they are not matmuls).
+
+Classifiers (:func:`classifier_flops_per_token`): the backbone's blocks without any LM head, plus per
+sequence the pooler (C*C, cls_pooler and attention) and classifier (K*C), divided by T; the BiLSTM's matmuls
+per token are 8*H*(C + H) per layer (two directions, 4 gates, H = C/2 units, input C) and its attention
+projection C*C + C, with no T x T term.
 """
 from __future__ import annotations
 
@@ -88,7 +93,7 @@ def matmul_weights_per_token(cfg, seq_len: int) -> float:
 
 def attention_flops_per_token(cfg, seq_len: int) -> float:
     """Forward+backward FLOPs of QK^T and AV per token over the full (not causal-halved) T x T matrix."""
-    if cfg.family == "lstm":
+    if cfg.family in ("lstm", "bilstm"):
         return 0.0
     hd = cfg.d_model // cfg.n_heads
     return 12.0 * cfg.n_layers * cfg.n_heads * hd * seq_len
@@ -97,3 +102,15 @@ def attention_flops_per_token(cfg, seq_len: int) -> float:
 def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token: 6 * M + 12 * L * nh * hd * T (see the module docstring)."""
     return 6.0 * matmul_weights_per_token(cfg, seq_len) + attention_flops_per_token(cfg, seq_len)
+
+
+def classifier_flops_per_token(cfg, seq_len: int, *, num_labels: int, pooling: str) -> float:
+    """Training FLOPs per token of a SequenceClassifier (see the module docstring)."""
+    C, L = cfg.d_model, cfg.n_layers
+    if cfg.family == "bilstm":
+        H = C // 2
+        m = L * 8 * H * (C + H) + C * C + C
+    else:
+        m = L * _block_matmul(cfg)
+    head = (C * C if pooling in ("cls_pooler", "attention") else 0) + num_labels * C
+    return 6.0 * (m + head / seq_len) + attention_flops_per_token(cfg, seq_len)

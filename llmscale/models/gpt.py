@@ -14,6 +14,9 @@ biases, untied head. Any mix is allowed by ModelConfig. State-dict names:
     final_norm.{weight,bias}
     lm_head.weight                        (V, C)                untied only; tied: tok_embed.weight
 (biases absent when ``bias=false``; RMSNorm has no bias.)
+
+:class:`GPTBackbone` is the same model without its LM head (final hidden states out), under the same names:
+the backbone of :class:`llmscale.models.classify.SequenceClassifier`.
 """
 from __future__ import annotations
 
@@ -42,22 +45,17 @@ def _first(inputs: Any) -> torch.Tensor:
     return inputs[0] if isinstance(inputs, (tuple, list)) else inputs
 
 
-class GPT(LanguageModel):
-    """Causal LM. ``cfg`` must be resolved (see :func:`llmscale.models.build_model`)."""
+class _DecoderTrunk:
+    """tok_embed (+ pos_embed) -> drop -> blocks -> final_norm: the part GPT and GPTBackbone share, under the
+    same attribute (hence state-dict) names. A mixin of nn.Module subclasses."""
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        V, C = cfg.vocab_size, cfg.d_model
-        self.tok_embed = nn.Embedding(V, C)
+    def _build_trunk(self, cfg) -> None:
+        C = cfg.d_model
+        self.tok_embed = nn.Embedding(cfg.vocab_size, C)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, C) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal=True, gelu_approximate="tanh") for _ in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, V, bias=False)
-        init_weights(self, std=cfg.init_std, n_layers=cfg.n_layers)
-
-    # ----------------------------------------------------------------- pieces shared by forward and pipeline
 
     def _check_len(self, T: int, start: int = 0) -> None:
         if start + T > self.config.max_seq_len:
@@ -68,6 +66,31 @@ class GPT(LanguageModel):
     def _embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = self.tok_embed(input_ids)  # (B, T, C)
         return _add_positions(self.pos_embed, x, start, self.drop.p, self.training)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C). attention_mask (B, T): 1 = real token, 0 = padding (keys only;
+        positions are not shifted, so right padding leaves the real positions exactly as without it)."""
+        B, T = input_ids.shape
+        self._check_len(T)
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()
+        x = self._embed(input_ids)
+        ckpt = self.config.activation_checkpointing and self.training
+        for block in self.blocks:
+            x = run_block(block, x, key_mask, ckpt)
+        return self.final_norm(x)
+
+
+class GPT(_DecoderTrunk, LanguageModel):
+    """Causal LM. ``cfg`` must be resolved (see :func:`llmscale.models.build_model`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self._build_trunk(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, std=cfg.init_std, n_layers=cfg.n_layers)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -89,16 +112,7 @@ class GPT(LanguageModel):
         attention_mask (B, T) 1 = real token, 0 = padding (keys only; positions are not shifted)."""
         if token_type_ids is not None or next_sentence_label is not None:
             raise ValueError("token_type_ids / next_sentence_label are BERT inputs; a GPT model takes neither.")
-        B, T = input_ids.shape
-        self._check_len(T)
-        key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = attention_mask.bool()
-        x = self._embed(input_ids)
-        ckpt = self.config.activation_checkpointing and self.training
-        for block in self.blocks:
-            x = run_block(block, x, key_mask, ckpt)
-        logits = self._logits(self.final_norm(x))
+        logits = self._logits(self.hidden_states(input_ids, attention_mask))
         if labels is None:
             return ModelOutput(logits=logits)
         loss, n = lm_loss(logits, labels)
@@ -154,6 +168,33 @@ class GPT(LanguageModel):
             x = block(x, None, (cache.k[i], cache.v[i]), start)
         cache.pos = start + T
         return self._logits(self.final_norm(x))
+
+
+class GPTBackbone(_DecoderTrunk, nn.Module):
+    """GPT without its LM head: ``forward(input_ids, attention_mask)`` -> final hidden states (B, T, C). Names
+    as GPT's (tok_embed, pos_embed, blocks.{i}.*, final_norm); :meth:`of` shares an existing GPT's modules."""
+
+    def __init__(self, cfg, *, init: bool = True):
+        super().__init__()
+        self.config = cfg
+        self._build_trunk(cfg)
+        if init:
+            init_weights(self, std=cfg.init_std, n_layers=cfg.n_layers)
+
+    @classmethod
+    def of(cls, lm: GPT) -> GPTBackbone:
+        """A backbone holding ``lm``'s own modules (parameters shared, not copied; lm_head left out)."""
+        with torch.device("meta"):
+            bb = cls(lm.config, init=False)
+        for name in ("tok_embed", "pos_embed", "drop", "blocks", "final_norm"):
+            setattr(bb, name, getattr(lm, name))
+        return bb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.hidden_states(input_ids, attention_mask)
+
+    def tp_plan(self) -> dict[str, str]:
+        return TP_PLAN
 
 
 def _add_positions(pos_embed: Optional[nn.Embedding], x: torch.Tensor, start: int, p: float,

@@ -226,8 +226,9 @@ def model_config_from_hf(hf_cfg: dict, *, folder: Path = Path("."), nsp_head: bo
 # --------------------------------------------------------------------------- weights
 
 
-def _layer_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
-    """(llmscale name, HF name, transpose) for every 1:1 tensor (GPT-2's fused c_attn is handled apart)."""
+def _layer_pairs(cfg, arch: str, *, heads: bool = True) -> list[tuple[str, str, bool]]:
+    """(llmscale name, HF name, transpose) for every 1:1 tensor (GPT-2's fused c_attn is handled apart);
+    ``heads=False``: the backbone only (no LM / MLM / NSP head), as sequence classifiers use it."""
     pairs: list[tuple[str, str, bool]] = []
     bias = ("weight", "bias")
     if arch == "GPT2LMHeadModel":
@@ -242,7 +243,7 @@ def _layer_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
                           (ls + f"mlp.up_proj.{p}", hf + f"mlp.c_fc.{p}", p == "weight"),
                           (ls + f"mlp.down_proj.{p}", hf + f"mlp.c_proj.{p}", p == "weight")]
         pairs += [(f"final_norm.{p}", f"transformer.ln_f.{p}", False) for p in bias]
-        if not cfg.tie_embeddings:
+        if heads and not cfg.tie_embeddings:
             pairs.append(("lm_head.weight", "lm_head.weight", False))
     elif arch == "LlamaForCausalLM":
         pairs.append(("tok_embed.weight", "model.embed_tokens.weight", False))
@@ -255,14 +256,14 @@ def _layer_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
                 pairs += [(ls + f"attn.{n}_proj.{p}", hf + f"self_attn.{n}_proj.{p}", False) for n in "qkvo"]
                 pairs += [(ls + f"mlp.{n}_proj.{p}", hf + f"mlp.{n}_proj.{p}", False) for n in ("gate", "up", "down")]
         pairs.append(("final_norm.weight", "model.norm.weight", False))
-        if not cfg.tie_embeddings:
+        if heads and not cfg.tie_embeddings:
             pairs.append(("lm_head.weight", "lm_head.weight", False))
     else:
-        pairs += _bert_pairs(cfg, arch)
+        pairs += _bert_pairs(cfg, arch, heads=heads)
     return pairs
 
 
-def _bert_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
+def _bert_pairs(cfg, arch: str, *, heads: bool = True) -> list[tuple[str, str, bool]]:
     e = "bert.embeddings."
     pairs = [("tok_embed.weight", e + "word_embeddings.weight", False),
              ("embed.pos_embed.weight", e + "position_embeddings.weight", False),
@@ -279,6 +280,8 @@ def _bert_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
                       (ls + f"mlp.up_proj.{p}", hf + f"intermediate.dense.{p}", False),
                       (ls + f"mlp.down_proj.{p}", hf + f"output.dense.{p}", False),
                       (ls + f"mlp_norm.{p}", hf + f"output.LayerNorm.{p}", False)]
+    if not heads:
+        return pairs
     h = "cls.predictions."
     for p in ("weight", "bias"):
         pairs += [(f"mlm_head.transform.dense.{p}", h + f"transform.dense.{p}", False),
@@ -296,12 +299,14 @@ def _bert_pairs(cfg, arch: str) -> list[tuple[str, str, bool]]:
     return pairs
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """llmscale single-device state dict -> the HF class's names (tied weights once, contiguous, detached)."""
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg, *, heads: bool = True) -> dict[str, torch.Tensor]:
+    """llmscale single-device state dict -> the HF class's names (tied weights once, contiguous, detached).
+    ``heads=False``: a backbone's state dict (GPTBackbone / BertBackbone names) -> the HF base model's tensors
+    under the head class's prefix (``transformer.`` / ``model.`` / ``bert.``)."""
     arch = hf_architecture(cfg)
     out: dict[str, torch.Tensor] = {}
     used = set()
-    for ls, hf, transpose in _layer_pairs(cfg, arch):
+    for ls, hf, transpose in _layer_pairs(cfg, arch, heads=heads):
         if ls not in state:
             raise ExportError(f"the model has no parameter {ls!r} that {arch} needs for {hf!r} "
                               f"(a model built from a different ModelConfig than the one given?).")
@@ -317,7 +322,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Ten
             out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
                 [state[a + f"{n}_proj.bias"].detach() for n in "qkv"], 0).contiguous()
             used.update(names)
-    if arch.startswith("Bert") and not cfg.tie_embeddings:
+    if heads and arch.startswith("Bert") and not cfg.tie_embeddings:
         out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"].clone()  # HF's otherwise unused copy
     tied = {"lm_head.weight", "mlm_head.decoder.weight"}
     left = sorted(k for k in state if k not in used and not (cfg.tie_embeddings and k in tied))
@@ -341,8 +346,9 @@ def _canonical_names(hf_state: dict[str, torch.Tensor], arch: str) -> dict[str, 
             for k, v in hf_state.items()}
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """HF names -> llmscale names (the inverse of :func:`to_hf_state_dict`); every HF tensor must be used."""
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg, *, heads: bool = True) -> dict[str, torch.Tensor]:
+    """HF names -> llmscale names (the inverse of :func:`to_hf_state_dict`, ``heads`` likewise); every HF
+    tensor must be used."""
     arch = hf_architecture(cfg)
     hf_state = _canonical_names(hf_state, arch)
     out: dict[str, torch.Tensor] = {}
@@ -354,7 +360,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg) -> dict[str, torc
         used.add(name)
         return hf_state[name]
 
-    for ls, hf, transpose in _layer_pairs(cfg, arch):
+    for ls, hf, transpose in _layer_pairs(cfg, arch, heads=heads):
         t = take(hf)
         out[ls] = t.t().contiguous() if transpose else t
     if arch == "GPT2LMHeadModel":
@@ -406,42 +412,67 @@ def export_model(model: torch.nn.Module, model_cfg, tokenizer_dir: Optional[str 
     if model_cfg.vocab_size is None:
         raise ExportError("model_cfg.vocab_size is unset: pass the resolved config (model.config).")
     arch = hf_architecture(model_cfg)
+    out = check_out_dir(out_dir, overwrite=overwrite)
+    tok = load_tokenizer_for(tokenizer_dir, model_cfg)
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = safetensors_ready(to_hf_state_dict(state, model_cfg), dtype)
+    write_atomically(out, lambda tmp: _write_folder(tmp, tensors, model_cfg, arch, tok, dtype=dtype,
+                                                    metadata=metadata, token_ids=token_ids))
+    log.info("exported %s (%s, %.2fM parameters) to %s", arch, model_cfg.family,
+             sum(t.numel() for t in tensors.values()) / 1e6, out)
+    return out
+
+
+def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
+    """``out_dir`` as a Path; ExportError if it holds files and ``overwrite`` is off."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty: choose a new folder or pass --overwrite.")
-    tok = None
-    if tokenizer_dir is not None:
-        from llmscale.data.tokenizer import Tokenizer
+    return out
 
-        tok = Tokenizer.load(tokenizer_dir)
-        if tok.vocab_size > model_cfg.vocab_size:
-            raise ExportError(f"the tokenizer at {tokenizer_dir} has {tok.vocab_size} pieces but the model embeds only "
-                              f"{model_cfg.vocab_size}: export with the tokenizer the model was trained with.")
-    state = state_dict if state_dict is not None else model.state_dict()
-    tensors = to_hf_state_dict(state, model_cfg)
+
+def load_tokenizer_for(tokenizer_dir: Optional[str | Path], model_cfg):
+    """The llmscale Tokenizer at ``tokenizer_dir`` (None stays None), checked to fit the model's vocabulary."""
+    if tokenizer_dir is None:
+        return None
+    from llmscale.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ExportError(f"the tokenizer at {tokenizer_dir} has {tok.vocab_size} pieces but the model embeds only "
+                          f"{model_cfg.vocab_size}: export with the tokenizer the model was trained with.")
+    return tok
+
+
+def safetensors_ready(tensors: dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """Cast (optionally), moved to the CPU, and no two tensors sharing storage (safetensors refuses views of
+    one flat buffer)."""
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    tensors = {k: v.cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     seen: set[int] = set()
-    for k, v in tensors.items():  # safetensors refuses tensors sharing storage (views of one flat buffer)
+    for k, v in tensors.items():
         ptr = v.untyped_storage().data_ptr()
         if ptr in seen:
             tensors[k] = v.clone()
         seen.add(ptr)
+    return tensors
+
+
+def write_atomically(out: Path, write) -> Path:
+    """``write(tmp)`` fills ``out.tmp``, which then replaces ``out``: a folder that exists is complete."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write_folder(tmp, tensors, model_cfg, arch, tok, dtype=dtype, metadata=metadata, token_ids=token_ids)
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("exported %s (%s, %.2fM parameters) to %s", arch, model_cfg.family,
-             sum(t.numel() for t in tensors.values()) / 1e6, out)
     return out
 
 

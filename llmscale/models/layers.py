@@ -33,6 +33,8 @@ class ModelOutput:
 
     logits: (B, T, V) token logits. loss: mean cross-entropy over targets != -100 (+ the NSP loss when
     ``next_sentence_label`` is given); None without labels. num_targets: how many targets the mean is over.
+    Sequence classifiers (llmscale.models.classify): logits (B, num_labels), loss the class-weighted sum over
+    examples with label != -100 divided by num_targets, their number.
     """
 
     logits: torch.Tensor

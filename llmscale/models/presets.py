@@ -51,6 +51,15 @@ PRESETS: dict[str, dict] = {
     "bert-large": _bert(24, 1024, 16),
 }
 
+# Presets of classifier-only families (model.family=bilstm): `model.preset` accepts them like the others, but
+# they are kept out of PRESETS because build_model (a language model) cannot build them; build them with
+# llmscale.models.classify.SequenceClassifier.from_config. bilstm-imdb: 300-wide embeddings, one bidirectional
+# layer of 150 units each way (300 out), additive self-attention over the sequence (Lin et al. 2017's shape).
+CLASSIFIER_PRESETS: dict[str, dict] = {
+    "bilstm-imdb": dict(family="bilstm", n_layers=1, d_model=300, n_heads=1, bias=True, tie_embeddings=False,
+                        max_seq_len=512, dropout=0.1),
+}
+
 # The vocabulary each preset is usually quoted with (parameter counts, benchmarks). Not applied by presets.
 REFERENCE_VOCAB: dict[str, int] = {
     **{k: 50257 for k in PRESETS if k.startswith("gpt2-")},

@@ -1,0 +1,191 @@
+"""``llmscale finetune CONFIG [key=value ...]``: fine-tune a classifier from any model source, on DeepSpeed.
+
+    llmscale finetune configs/finetune_sst2_bert.yaml init.from=runs/bert_tiny
+    torchrun --nproc_per_node 2 -m llmscale finetune configs/finetune_imdb_bilstm.yaml      # data parallel
+
+``init.from``: a pretraining run dir, a checkpoint of any parallel layout (consolidated on load), an llmscale
+model folder, a transformers folder (through ``llmscale import``), or ``scratch`` (``model.*`` with random
+weights and ``init.tokenizer``: the floor every fine-tune result is compared with). Weights only: step 0,
+a fresh optimizer and schedule. A run directory that already holds a checkpoint resumes from it instead,
+exactly, like pretraining (``--no-resume`` starts afresh). The tokenizer comes with the weights.
+
+Every optimizer step weighs every example the same however it is split over micro-batches and ranks
+(``loss_over="step_targets"``). Validation (``train.eval_every``) reports accuracy, macro F1, MCC and the
+loss; each new best (``train.metric``) is checkpointed and recorded in RUN_DIR/checkpoints/best.json
+(retention never removes it); ``train.patience`` stops early. At the end the consolidated weights go to
+RUN_DIR/final/model.pt and ``llmscale export RUN_DIR OUT`` writes a transformers folder
+(``BertForSequenceClassification``, ``GPT2ForSequenceClassification``, ``LlamaForSequenceClassification``)
+or, for heads no transformers class computes (BiLSTM, BERT with cls/mean pooling), an llmscale folder.
+Data parallel only (ZeRO 0-3); other layouts are refused with the ones that work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmscale.log import get_logger
+
+log = get_logger(__name__)
+
+LABELS_FILE = "labels.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML fine-tune config (see configs/finetune_*.yaml, `llmscale config show "
+                                  "--finetune`).")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. init.from=runs/bert optim.lr=3e-5")
+    p.add_argument("--no-resume", action="store_true",
+                   help="Start from init.from even if RUN_DIR has checkpoints (they are moved aside, not deleted).")
+    p.add_argument("--no-final-weights", action="store_true", help="Do not write RUN_DIR/final/model.pt at the end.")
+    p.add_argument("--log-all-ranks", action="store_true", help="Log from every rank, not only rank 0.")
+
+
+def main(args: argparse.Namespace) -> int:
+    from llmscale.config import load_config
+    from llmscale.config_finetune import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.log_all_ranks:
+        cfg.train.log_all_ranks = True
+    summary = run(cfg, no_resume=args.no_resume, final_weights=not args.no_final_weights)
+    if summary.pop("rank", 0) == 0:
+        print(json.dumps(summary))
+    if summary.get("stopped"):
+        from llmscale.signals import EXIT_REQUEUE
+
+        return EXIT_REQUEUE  # saved on request (preemption): run the same command again to resume
+    return 0
+
+
+def _initial_model(cfg: Any):
+    """``(language model or None, resolved backbone ModelConfig, Tokenizer, tokenizer folder)`` of init.from."""
+    from llmscale.artifacts import load_model
+    from llmscale.data.tokenizer import Tokenizer
+    from llmscale.errors import ConfigError
+    from llmscale.models.presets import resolve_config
+
+    source = cfg.init.from_
+    if source == "scratch":
+        if not cfg.init.tokenizer:
+            raise ConfigError("init.from=scratch needs init.tokenizer: the tokenizer folder to encode the data with "
+                              "(e.g. one written by `llmscale tokenizer train`, or RUN_DIR/tokenizer of a run).")
+        tok = Tokenizer.load(cfg.init.tokenizer)
+        return None, resolve_config(cfg.model, tok.vocab_size), tok, Path(cfg.init.tokenizer)
+    loaded = load_model(source)
+    if loaded.classifier is not None:
+        raise ConfigError(f"init.from={source} is already a classifier; fine-tune from a language model (a "
+                          f"pretraining run, checkpoint or model folder), or resume its own run directory.")
+    if not isinstance(loaded.tokenizer, Tokenizer):
+        raise ConfigError(f"init.from={source} carries no llmscale tokenizer (classification inputs need its "
+                          f"[CLS]/[SEP]/pad ids). Import it with `llmscale import` and pass init.tokenizer=DIR.")
+    return loaded.model, loaded.config, loaded.tokenizer, loaded.tokenizer_dir
+
+
+def _features(cfg: Any, tok: Any, family: str):
+    """Training and validation features plus the label map; the counts are logged."""
+    from llmscale.data.finetune import LabelMap, encode_classification, read_classification
+
+    c = cfg.classify
+
+    def read(paths, split):
+        return read_classification(paths, text_field=c.text_field, text_pair_field=c.text_pair_field or None,
+                                   label_field=c.label_field, split=split or None)
+
+    train_ex = read(c.train, c.split)
+    labels = LabelMap.from_examples(train_ex, labels=c.labels or None)
+    kw = dict(max_len=c.max_len, family=family, truncation=c.truncation)
+    train = encode_classification(train_ex, tok, labels, **kw)
+    val = encode_classification(read(c.val, c.val_split or c.split), tok, labels, **kw) if c.val else None
+    for name, f in (("train", train), ("val", val)):
+        if f is not None:
+            log.info("%s: %d examples, %d empty texts skipped, %d truncated to classify.max_len=%d", name,
+                     f.num_examples, f.num_empty, f.num_truncated, c.max_len)
+    return train, val, labels
+
+
+def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dict:
+    """Fine-tune per ``cfg`` in this process (one rank of the job). Returns the final counters and metrics."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+    from llmscale import dist as ldist
+    from llmscale.artifacts import CONFIG_FILE, record_tokenizer, write_final_weights
+    from llmscale.checkpoint import CheckpointManager
+    from llmscale.config import save_resolved
+    from llmscale.config_finetune import classifier_config, resolve_pooling
+    from llmscale.data.finetune import FinetuneLoader
+    from llmscale.engine import build_engine
+    from llmscale.evaluate import classification_validation
+    from llmscale.log import setup_logging
+    from llmscale.metrics import MetricsLogger
+    from llmscale.models.classify import SequenceClassifier
+    from llmscale.parallel import plan_run
+    from llmscale.trainer import BestTracker, Trainer
+
+    setup_logging(all_ranks=cfg.train.log_all_ranks)
+    lm, model_cfg, tok, tok_dir = _initial_model(cfg)
+    train_f, val_f, labels = _features(cfg, tok, model_cfg.family)
+    # resolve what the head and the engine need, so the saved config rebuilds exactly this model
+    cfg.model = model_cfg
+    cfg.classify.labels = list(labels.labels)
+    cfg.classify.pooling = resolve_pooling(cfg.classify.pooling, model_cfg.family)
+    cfg.data.seq_len = cfg.classify.max_len
+    clf_cfg = classifier_config(cfg)
+    world = ldist.world_for_job()
+    plan = plan_run(cfg, world.world_size)
+    ldist.init_distributed(world)
+    try:
+        run_dir = Path(cfg.run_dir)
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record_tokenizer(run_dir, tok_dir)
+            save_resolved(cfg, run_dir / CONFIG_FILE)
+            labels.save(run_dir / LABELS_FILE)
+        ldist.barrier()
+        torch.manual_seed(cfg.train.seed)  # the same new head on every rank
+        if lm is None:
+            model = SequenceClassifier.from_config(model_cfg, clf_cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+        else:
+            model = SequenceClassifier.from_pretrained_lm(lm, clf_cfg, pad_id=tok.pad_id)
+        log.info("classifier: %s backbone, pooling %s, %d labels %s, %.2fM parameters", model_cfg.family,
+                 clf_cfg.pooling, clf_cfg.num_labels, clf_cfg.labels[:10], model.num_params() / 1e6)
+        engine = build_engine(cfg, model, world=world, plan=plan, loss_over="step_targets")
+        batch = plan.batch
+        loader = FinetuneLoader(train_f, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
+                                global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
+                                seed=cfg.train.seed, pad_id=tok.pad_id, eval_features=val_f)
+
+        def validate() -> dict:
+            out = classification_validation(engine, loader, num_labels=clf_cfg.num_labels, labels=clf_cfg.labels,
+                                            max_batches=cfg.train.eval_batches or None)
+            return {k: v for k, v in out.items() if k not in ("per_class",)}
+
+        def tokens_in(micro_batches: list) -> int:  # real (unpadded) tokens of the step, all ranks
+            n = torch.tensor(float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)))
+            return int(engine.all_reduce_dp(n.to(engine.device)).item())
+
+        metric = {"loss": "val_loss"}.get(cfg.train.metric, cfg.train.metric)
+        best = BestTracker(metric, patience=cfg.train.patience) if val_f is not None else None
+        manager = CheckpointManager(cfg, world=world)
+        metrics = MetricsLogger(run_dir, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
+                                total_steps=cfg.train.steps)
+        try:
+            trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics, checkpoints=manager,
+                              no_resume=no_resume, validate=validate if val_f is not None else None, best=best,
+                              tokens_in=tokens_in)
+            summary = trainer.fit()
+        finally:
+            metrics.close()
+            loader.close()
+        if final_weights and not summary["stopped"]:
+            state = engine.full_state_dict()  # collective; the weights land on rank 0
+            if world.is_main:
+                log.info("final weights written to %s", write_final_weights(run_dir, state))
+        summary["rank"] = world.rank
+        return summary
+    finally:
+        ldist.shutdown()
