@@ -15,7 +15,8 @@ from llmscale.config import RunConfig, load_config
 from llmscale.testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("finetune_"))
+FINETUNE_CONFIGS = sorted((ROOT / "configs").glob("finetune_*.yaml"))
 
 TRAIN_FIELDS = {
     "kind", "step", "time", "loss", "lr", "grad_norm", "tokens_seen", "samples_seen", "tokens_per_s", "step_time_s",
@@ -225,6 +226,15 @@ def test_every_config_validates(path, capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["model"]["family"] in ("gpt", "bert")
     assert shown["data"]["format"] == ("bert" if shown["model"]["family"] == "bert" else "gpt")
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=[p.name for p in FINETUNE_CONFIGS])
+def test_every_finetune_config_validates(path, capsys):
+    from llmscale.cli import main as cli_main
+
+    assert cli_main(["config", "show", str(path)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["task"] == "classify" and shown["classify"]["train"] and shown["init"]["from"]
 
 
 def test_quickstart_config_is_shipped_in_the_package():

@@ -113,79 +113,95 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
     from llmscale import dist as ldist
+    from llmscale.config_finetune import classifier_config, resolve_pooling
+    from llmscale.log import setup_logging
+    from llmscale.parallel import plan_run
+
+    setup_logging(all_ranks=cfg.train.log_all_ranks)
+    world = ldist.world_for_job()
+    ldist.init_distributed(world)
+    try:
+        # rank 0 first: a checkpoint of another layout is converted once (then listed in its manifest)
+        if world.is_main:
+            lm, model_cfg, tok, tok_dir = _initial_model(cfg)
+        ldist.barrier()
+        if not world.is_main:
+            lm, model_cfg, tok, tok_dir = _initial_model(cfg)
+        train_f, val_f, labels = _features(cfg, tok, model_cfg.family)
+        # resolve what the head and the engine need, so the saved config rebuilds exactly this model
+        cfg.model = model_cfg
+        cfg.classify.labels = list(labels.labels)
+        cfg.classify.pooling = resolve_pooling(cfg.classify.pooling, model_cfg.family)
+        cfg.data.seq_len = cfg.classify.max_len
+        clf_cfg = classifier_config(cfg)
+        plan = plan_run(cfg, world.world_size)
+        return _fit(cfg, world=world, plan=plan, lm=lm, model_cfg=model_cfg, tok=tok, tok_dir=tok_dir,
+                    train_f=train_f, val_f=val_f, labels=labels, clf_cfg=clf_cfg, no_resume=no_resume,
+                    final_weights=final_weights)
+    finally:
+        ldist.shutdown()
+
+
+def _fit(cfg: Any, *, world: Any, plan: Any, lm: Any, model_cfg: Any, tok: Any, tok_dir: Any, train_f: Any,
+         val_f: Any, labels: Any, clf_cfg: Any, no_resume: bool, final_weights: bool) -> dict:
+    import torch
+
+    from llmscale import dist as ldist
     from llmscale.artifacts import CONFIG_FILE, record_tokenizer, write_final_weights
     from llmscale.checkpoint import CheckpointManager
     from llmscale.config import save_resolved
-    from llmscale.config_finetune import classifier_config, resolve_pooling
     from llmscale.data.finetune import FinetuneLoader
     from llmscale.engine import build_engine
     from llmscale.evaluate import classification_validation
-    from llmscale.log import setup_logging
     from llmscale.metrics import MetricsLogger
     from llmscale.models.classify import SequenceClassifier
-    from llmscale.parallel import plan_run
     from llmscale.trainer import BestTracker, Trainer
 
-    setup_logging(all_ranks=cfg.train.log_all_ranks)
-    lm, model_cfg, tok, tok_dir = _initial_model(cfg)
-    train_f, val_f, labels = _features(cfg, tok, model_cfg.family)
-    # resolve what the head and the engine need, so the saved config rebuilds exactly this model
-    cfg.model = model_cfg
-    cfg.classify.labels = list(labels.labels)
-    cfg.classify.pooling = resolve_pooling(cfg.classify.pooling, model_cfg.family)
-    cfg.data.seq_len = cfg.classify.max_len
-    clf_cfg = classifier_config(cfg)
-    world = ldist.world_for_job()
-    plan = plan_run(cfg, world.world_size)
-    ldist.init_distributed(world)
+    run_dir = Path(cfg.run_dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_tokenizer(run_dir, tok_dir)
+        save_resolved(cfg, run_dir / CONFIG_FILE)
+        labels.save(run_dir / LABELS_FILE)
+    ldist.barrier()
+    torch.manual_seed(cfg.train.seed)  # the same new head on every rank
+    if lm is None:
+        model = SequenceClassifier.from_config(model_cfg, clf_cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+    else:
+        model = SequenceClassifier.from_pretrained_lm(lm, clf_cfg, pad_id=tok.pad_id)
+    log.info("classifier: %s backbone, pooling %s, %d labels %s, %.2fM parameters", model_cfg.family,
+             clf_cfg.pooling, clf_cfg.num_labels, clf_cfg.labels[:10], model.num_params() / 1e6)
+    engine = build_engine(cfg, model, world=world, plan=plan, loss_over="step_targets")
+    batch = plan.batch
+    loader = FinetuneLoader(train_f, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
+                            global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
+                            seed=cfg.train.seed, pad_id=tok.pad_id, eval_features=val_f)
+
+    def validate() -> dict:
+        out = classification_validation(engine, loader, num_labels=clf_cfg.num_labels, labels=clf_cfg.labels,
+                                        max_batches=cfg.train.eval_batches or None)
+        return {k: v for k, v in out.items() if k not in ("per_class",)}
+
+    def tokens_in(micro_batches: list) -> int:  # real (unpadded) tokens of the step, all ranks
+        n = torch.tensor(float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)))
+        return int(engine.all_reduce_dp(n.to(engine.device)).item())
+
+    metric = {"loss": "val_loss"}.get(cfg.train.metric, cfg.train.metric)
+    best = BestTracker(metric, patience=cfg.train.patience) if val_f is not None else None
+    manager = CheckpointManager(cfg, world=world)
+    metrics = MetricsLogger(run_dir, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
+                            total_steps=cfg.train.steps)
     try:
-        run_dir = Path(cfg.run_dir)
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record_tokenizer(run_dir, tok_dir)
-            save_resolved(cfg, run_dir / CONFIG_FILE)
-            labels.save(run_dir / LABELS_FILE)
-        ldist.barrier()
-        torch.manual_seed(cfg.train.seed)  # the same new head on every rank
-        if lm is None:
-            model = SequenceClassifier.from_config(model_cfg, clf_cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
-        else:
-            model = SequenceClassifier.from_pretrained_lm(lm, clf_cfg, pad_id=tok.pad_id)
-        log.info("classifier: %s backbone, pooling %s, %d labels %s, %.2fM parameters", model_cfg.family,
-                 clf_cfg.pooling, clf_cfg.num_labels, clf_cfg.labels[:10], model.num_params() / 1e6)
-        engine = build_engine(cfg, model, world=world, plan=plan, loss_over="step_targets")
-        batch = plan.batch
-        loader = FinetuneLoader(train_f, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
-                                global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
-                                seed=cfg.train.seed, pad_id=tok.pad_id, eval_features=val_f)
-
-        def validate() -> dict:
-            out = classification_validation(engine, loader, num_labels=clf_cfg.num_labels, labels=clf_cfg.labels,
-                                            max_batches=cfg.train.eval_batches or None)
-            return {k: v for k, v in out.items() if k not in ("per_class",)}
-
-        def tokens_in(micro_batches: list) -> int:  # real (unpadded) tokens of the step, all ranks
-            n = torch.tensor(float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)))
-            return int(engine.all_reduce_dp(n.to(engine.device)).item())
-
-        metric = {"loss": "val_loss"}.get(cfg.train.metric, cfg.train.metric)
-        best = BestTracker(metric, patience=cfg.train.patience) if val_f is not None else None
-        manager = CheckpointManager(cfg, world=world)
-        metrics = MetricsLogger(run_dir, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
-                                total_steps=cfg.train.steps)
-        try:
-            trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics, checkpoints=manager,
-                              no_resume=no_resume, validate=validate if val_f is not None else None, best=best,
-                              tokens_in=tokens_in)
-            summary = trainer.fit()
-        finally:
-            metrics.close()
-            loader.close()
-        if final_weights and not summary["stopped"]:
-            state = engine.full_state_dict()  # collective; the weights land on rank 0
-            if world.is_main:
-                log.info("final weights written to %s", write_final_weights(run_dir, state))
-        summary["rank"] = world.rank
-        return summary
+        trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics, checkpoints=manager,
+                          no_resume=no_resume, validate=validate if val_f is not None else None, best=best,
+                          tokens_in=tokens_in)
+        summary = trainer.fit()
     finally:
-        ldist.shutdown()
+        metrics.close()
+        loader.close()
+    if final_weights and not summary["stopped"]:
+        state = engine.full_state_dict()  # collective; the weights land on rank 0
+        if world.is_main:
+            log.info("final weights written to %s", write_final_weights(run_dir, state))
+    summary["rank"] = world.rank
+    return summary
