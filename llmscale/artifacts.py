@@ -181,11 +181,10 @@ def _load_final(run_dir: Path, device: str) -> LoadedModel:
 
     raw = read_yaml(run_dir / CONFIG_FILE)
     if "task" in raw:  # a fine-tuning run
-        from llmscale.config_finetune import FinetuneConfig, classifier_config
-        from llmscale.models.classify import SequenceClassifier
+        from llmscale.config_finetune import FinetuneConfig, build_finetuned_model
 
         cfg = from_dict(FinetuneConfig, raw)
-        model = SequenceClassifier.from_config(cfg.model, classifier_config(cfg), vocab_size=cfg.model.vocab_size)
+        model = build_finetuned_model(cfg)
     else:
         cfg = from_dict(RunConfig, raw)
         model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)

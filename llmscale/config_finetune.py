@@ -59,6 +59,25 @@ class ClassifyConfig:
 
 
 @dataclass
+class SFTConfig:
+    """task=sft: supervised fine-tuning of a causal LM on prompt/response pairs (JSONL)."""
+
+    train: list[str] = doc(text="Training files (.jsonl, optionally .gz or a .zip member).", factory=list)
+    val: list[str] = doc(text="Validation files (empty: no validation).", factory=list)
+    prompt_field: str = doc("prompt", "JSON field holding the prompt (dotted names reach nested objects).")
+    response_field: str = doc("response", "JSON field holding the response.")
+    template: str = doc("", "Chat template with {prompt} then {response}, e.g. 'User: {prompt}\\nBot: {response}'; "
+                            "all before {response} is prompt (no loss). Empty: prompt and response as they are.")
+    max_len: int = doc(256, "Tokens per row; longer examples are cut from the right (counted; no target left: "
+                            "dropped and counted).")
+    packing: bool = doc(False, "Pack several examples per row (attention and positions restart per example).")
+
+    def validate(self) -> None:
+        if self.max_len < 4:
+            raise ConfigError(f"sft.max_len must be >= 4, got {self.max_len}.")
+
+
+@dataclass
 class FinetuneTrainConfig:
     """The fine-tuning loop."""
 
@@ -69,7 +88,8 @@ class FinetuneTrainConfig:
     log_every: int = doc(10, "Log metrics every N steps.")
     eval_every: int = doc(100, "Validate every N steps (0 = only at the end).")
     eval_batches: int = doc(0, "Validation micro-batches per rank and evaluation (0 = the whole validation set).")
-    metric: Literal["accuracy", "f1", "loss"] = doc("accuracy", "Validation metric that picks the best checkpoint.")
+    metric: Literal["auto", "accuracy", "f1", "loss"] = doc(
+        "auto", "Validation metric that picks the best checkpoint (auto: accuracy for classify, loss otherwise).")
     patience: int = doc(0, "Stop after this many validations without a better metric (0 = never stop early).")
     tensorboard: bool = doc(True, "Also write TensorBoard event files under RUN_DIR/tb.")
     log_all_ranks: bool = doc(False, "Log from every rank, not only rank 0.")
@@ -91,11 +111,15 @@ class FinetuneConfig:
     """The whole fine-tuning run."""
 
     run_dir: str = doc("runs/finetune", "Output folder: resolved config, metrics, checkpoints, best, export.")
-    task: Literal["classify"] = doc("classify", "classify: text classification (sft and lm: not yet).")
+    task: Literal["classify", "sft", "lm"] = doc(
+        "classify", "classify: text classification; sft: prompt/response pairs (causal LM); lm: continued "
+                    "pretraining on a prepared dataset (data.path).")
     init: InitConfig = doc(text="Initial weights.", factory=InitConfig)
     model: ModelConfig = doc(text="Architecture for from=scratch (else taken from the weights).", factory=ModelConfig)
     classify: ClassifyConfig = doc(text="task=classify.", factory=ClassifyConfig)
-    data: DataConfig = doc(text="Set by the job from the task (data.seq_len = classify.max_len).", factory=DataConfig)
+    sft: SFTConfig = doc(text="task=sft.", factory=SFTConfig)
+    data: DataConfig = doc(text="task=lm: the prepared dataset; other tasks: data.seq_len is set from their max_len.",
+                           factory=DataConfig)
     optim: OptimConfig = doc(text="Optimizer and schedule.", factory=OptimConfig)
     parallel: ParallelConfig = doc(text="Layout and batch sizes (data parallel; ZeRO 0-3).", factory=ParallelConfig)
     train: FinetuneTrainConfig = doc(text="Fine-tuning loop.", factory=FinetuneTrainConfig)
@@ -106,13 +130,27 @@ class FinetuneConfig:
         if self.task == "classify" and not self.classify.train:
             raise ConfigError("task=classify needs classify.train: the training files (e.g. "
                               "classify.train=[data/sst2/train.tsv]).")
+        if self.task == "sft" and not self.sft.train:
+            raise ConfigError("task=sft needs sft.train: JSONL files of prompt/response pairs (e.g. "
+                              "sft.train=[data/pairs.jsonl]).")
+        if self.task == "lm" and not self.data.sources():
+            raise ConfigError("task=lm needs data.path: a dataset written by `llmscale prepare` with the tokenizer of "
+                              "init.from.")
         if self.parallel.pipeline_parallel > 1 or self.parallel.tensor_parallel > 1:
             raise ConfigError(
                 f"llmscale finetune runs data parallel (any ZeRO stage 0-3); got tensor_parallel="
                 f"{self.parallel.tensor_parallel} pipeline_parallel={self.parallel.pipeline_parallel}. Set "
                 f"parallel.tensor_parallel=1 parallel.pipeline_parallel=1 (a checkpoint of any layout still loads).")
-        if self.train.metric == "f1" and self.task != "classify":
-            raise ConfigError("train.metric=f1 needs task=classify.")
+        if self.train.metric in ("accuracy", "f1") and self.task != "classify":
+            raise ConfigError(f"train.metric={self.train.metric} needs task=classify; use train.metric=loss (or auto).")
+
+    @property
+    def metric_key(self) -> str:
+        """The key of the validation dict that picks the best checkpoint."""
+        m = self.train.metric
+        if m == "auto":
+            m = "accuracy" if self.task == "classify" else "loss"
+        return "val_loss" if m == "loss" else m
 
 
 _AUTO_POOLING = {"bert": "cls_pooler", "gpt": "last", "bilstm": "attention"}
@@ -136,3 +174,15 @@ def classifier_config(cfg: FinetuneConfig):
     c = cfg.classify
     return ClassifierConfig(num_labels=len(c.labels), pooling=resolve_pooling(c.pooling, cfg.model.family),
                             labels=list(c.labels), class_weights=list(c.class_weights) or None, dropout=c.dropout)
+
+
+def build_finetuned_model(cfg: FinetuneConfig):
+    """The single-device module a fine-tune run trains (random weights): the classifier of task=classify, the
+    causal or masked LM itself for sft / lm. For rebuilding a saved run or checkpoint before its weights load."""
+    if cfg.task == "classify":
+        from llmscale.models.classify import SequenceClassifier
+
+        return SequenceClassifier.from_config(cfg.model, classifier_config(cfg), vocab_size=cfg.model.vocab_size)
+    from llmscale.models import build_model
+
+    return build_model(cfg.model, vocab_size=cfg.model.vocab_size)

@@ -100,3 +100,17 @@ def classification_validation(engine: Any, loader: Any, *, num_labels: int, labe
     n = out["examples"]
     out["val_loss"] = loss_sum / n if n else float("nan")
     return out
+
+
+def sft_validation(engine: Any, loader: Any, *, max_batches: Optional[int] = None) -> dict[str, Any]:
+    """``{val_loss, val_ppl, val_tokens}`` over a fine-tune loader's validation rows: total nats over every
+    target token (response tokens and closing eos) / their count, the same on every rank. Collective."""
+    loss_sum, n = 0.0, 0
+    for batch in loader.eval_batches(max_batches or None):
+        s, k = engine.eval_loss(batch)  # summed over the data-parallel ranks
+        loss_sum += s
+        n += k
+    if n == 0:
+        return {}
+    loss = loss_sum / n
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": n}

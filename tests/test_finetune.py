@@ -171,3 +171,50 @@ def test_bad_input_is_refused_with_the_fix(tokenizer_dir, task, tmp_path):
     assert p.returncode == 1 and "does not exist" in p.stderr
     p = run_cli(_ft_args(tmp_path / "d", "scratch", task, **base, **{"parallel.pipeline_parallel": 2}), check=False)
     assert p.returncode == 2 and "pipeline_parallel=1" in p.stderr
+
+
+def _sft_pairs(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            f.write(json.dumps({"prompt": f"Q: {a}\nA:", "response": f" {a.upper()}"}) + "\n")
+    return path
+
+
+def test_sft_and_continued_pretraining_from_a_gpt_run(tiny_gpt_dataset, tmp_path):
+    from llmscale.artifacts import load_model
+
+    ckpt = _pretrain("quickstart.yaml", tiny_gpt_dataset, tmp_path / "pre", **{"model.preset": "gpt-tiny",
+                                                                                "model.bias": "true"})
+    train, val = _sft_pairs(tmp_path / "train.jsonl", 96, 1), _sft_pairs(tmp_path / "val.jsonl", 20, 2)
+    run = tmp_path / "sft"
+    o = {"run_dir": run, "task": "sft", "init.from": ckpt, "sft.train": f"[{train}]", "sft.val": f"[{val}]",
+         "sft.max_len": 48, "parallel.micro_batch_size": 4, "parallel.global_batch_size": 8, "train.steps": 6,
+         "train.eval_every": 3, "train.log_every": 3, "train.tensorboard": "false", "checkpoint.every_steps": 3}
+    out = run_cli(["finetune", str(ROOT / "configs" / "finetune_sft_gpt.yaml"), *[f"{k}={v}" for k, v in o.items()]],
+                  nproc=2, timeout=600)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["best_metric"] == "val_loss" and summary["val_tokens"] > 0 and summary["step"] == 6
+    # the validation loss counts exactly the response tokens + eos of the 20 validation pairs
+    from llmscale.data.finetune import encode_sft, read_sft
+
+    lm = load_model(run)
+    feats = encode_sft(read_sft([val]), lm.tokenizer, max_len=48)
+    assert summary["val_tokens"] == feats.num_targets
+    run_cli(["export", str(run), str(tmp_path / "exp")])
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    # continued pretraining on the dataset the run was pretrained on; a dataset of another tokenizer is refused
+    lm_args = ["finetune", str(ROOT / "configs" / "finetune_sft_gpt.yaml"), "task=lm", f"init.from={ckpt}",
+               f"data.path={tiny_gpt_dataset}", "data.seq_len=64", "parallel.micro_batch_size=4",
+               "parallel.global_batch_size=8", "train.steps=4", "train.eval_every=2", "train.eval_batches=2",
+               "train.tensorboard=false"]
+    done = run_cli([*lm_args, f"run_dir={tmp_path / 'lm'}"], timeout=600)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["val_bpb"] > 0
+    other = tmp_path / "other"
+    from llmscale.data.prepare import prepare_dataset
+
+    prepare_dataset([ROOT / "llmscale" / "corpus" / "tinyshakespeare.txt"], other, vocab_size=400, format="gpt",
+                    seq_len=64, val_fraction=0.05, doc_split="paragraph", num_proc=1)  # another tokenizer
+    p = run_cli([*lm_args, f"run_dir={tmp_path / 'lm2'}", f"data.path={other}"], check=False)
+    assert p.returncode == 1 and "llmscale prepare --tokenizer" in p.stderr and "Traceback" not in p.stderr

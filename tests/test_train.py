@@ -234,7 +234,8 @@ def test_every_finetune_config_validates(path, capsys):
 
     assert cli_main(["config", "show", str(path)]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["task"] == "classify" and shown["classify"]["train"] and shown["init"]["from"]
+    assert shown["task"] in ("classify", "sft", "lm") and shown["init"]["from"]
+    assert shown[shown["task"]]["train"] if shown["task"] != "lm" else shown["data"]["path"]
 
 
 def test_quickstart_config_is_shipped_in_the_package():

@@ -68,11 +68,10 @@ def load_checkpoint_model(ckpt: str | Path) -> tuple[Any, Any]:
                               f"the model.")
     raw = read_yaml(ckpt / CONFIG_FILE)
     if "task" in raw:  # a fine-tuning run: the classifier its config describes
-        from llmscale.config_finetune import FinetuneConfig, classifier_config
-        from llmscale.models.classify import SequenceClassifier
+        from llmscale.config_finetune import FinetuneConfig, build_finetuned_model
 
         cfg = from_dict(FinetuneConfig, raw)
-        model = SequenceClassifier.from_config(cfg.model, classifier_config(cfg), vocab_size=cfg.model.vocab_size)
+        model = build_finetuned_model(cfg)
     else:
         cfg = from_dict(RunConfig, raw)
         model = build_model(cfg.model, vocab_size=cfg.model.vocab_size)

@@ -1,4 +1,8 @@
-"""``llmscale finetune CONFIG [key=value ...]``: fine-tune a classifier from any model source, on DeepSpeed.
+"""``llmscale finetune CONFIG [key=value ...]``: fine-tune from any model source, on DeepSpeed.
+
+Tasks: ``classify`` (a classification head on a BERT / GPT backbone, or the BiLSTM + attention classifier
+from scratch), ``sft`` (a causal LM on prompt/response pairs: only response tokens and the closing eos are
+targets; optional packing) and ``lm`` (continued pretraining on a prepared dataset).
 
     llmscale finetune configs/finetune_sst2_bert.yaml init.from=runs/bert_tiny
     torchrun --nproc_per_node 2 -m llmscale finetune configs/finetune_imdb_bilstm.yaml      # data parallel
@@ -106,6 +110,39 @@ def _features(cfg: Any, tok: Any, family: str):
     return train, val, labels
 
 
+def _sft_features(cfg: Any, tok: Any):
+    from llmscale.data.finetune import encode_sft, read_sft
+
+    c = cfg.sft
+
+    def encode(paths):
+        ex = read_sft(paths, prompt_field=c.prompt_field, response_field=c.response_field, template=c.template or None)
+        return encode_sft(ex, tok, max_len=c.max_len, packing=c.packing)
+
+    train = encode(c.train)
+    val = encode(c.val) if c.val else None
+    for name, f in (("train", train), ("val", val)):
+        if f is not None:
+            log.info("%s: %d rows, %d blank responses skipped, %d truncated, %d with no target left dropped", name,
+                     len(f), f.num_empty, f.num_truncated, f.num_no_target)
+    return train, val
+
+
+def _check_lm_data(cfg: Any, tok: Any) -> None:
+    """task=lm: the prepared dataset must use the weights' tokenizer (token ids would mean other things)."""
+    from llmscale.data.checks import check_datasets
+    from llmscale.errors import TokenizerError
+
+    manifests = check_datasets(cfg)
+    for e, m in zip(cfg.data.sources(), manifests):
+        if m.tokenizer_hash != tok.hash:
+            raise TokenizerError(
+                f"{e.path} was prepared with tokenizer {m.tokenizer_hash[:12]}, but init.from={cfg.init.from_} uses "
+                f"tokenizer {tok.hash[:12]}: the model would read ids it never learned. Re-prepare the data with the "
+                f"model's tokenizer: `llmscale prepare --tokenizer {cfg.run_dir}/tokenizer --input ... --output "
+                f"{e.path}-retok` (the run directory holds a copy once the job starts, or use the init run's).")
+
+
 def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dict:
     """Fine-tune per ``cfg`` in this process (one rank of the job). Returns the final counters and metrics."""
     import torch
@@ -114,6 +151,7 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
     from llmscale import dist as ldist
     from llmscale.config_finetune import classifier_config, resolve_pooling
+    from llmscale.errors import ConfigError
     from llmscale.log import setup_logging
     from llmscale.parallel import plan_run
 
@@ -127,14 +165,30 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
         ldist.barrier()
         if not world.is_main:
             lm, model_cfg, tok, tok_dir = _initial_model(cfg)
-        train_f, val_f, labels = _features(cfg, tok, model_cfg.family)
-        # resolve what the head and the engine need, so the saved config rebuilds exactly this model
         cfg.model = model_cfg
-        cfg.classify.labels = list(labels.labels)
-        cfg.classify.pooling = resolve_pooling(cfg.classify.pooling, model_cfg.family)
-        cfg.data.seq_len = cfg.classify.max_len
-        clf_cfg = classifier_config(cfg)
+        labels = clf_cfg = train_f = val_f = None
+        if cfg.task == "classify":
+            train_f, val_f, labels = _features(cfg, tok, model_cfg.family)
+            # resolve what the head needs, so the saved config rebuilds exactly this model
+            cfg.classify.labels = list(labels.labels)
+            cfg.classify.pooling = resolve_pooling(cfg.classify.pooling, model_cfg.family)
+            cfg.data.seq_len = cfg.classify.max_len
+            clf_cfg = classifier_config(cfg)
+        elif cfg.task == "sft":
+            if model_cfg.family != "gpt":
+                raise ConfigError(f"task=sft trains a causal LM; init.from={cfg.init.from_} is a {model_cfg.family} "
+                                  f"model. Fine-tune a gpt-family model (or use task=classify).")
+            train_f, val_f = _sft_features(cfg, tok)
+            cfg.data.seq_len = cfg.sft.max_len
+        else:
+            cfg.data.format = "bert" if model_cfg.family == "bert" else "gpt"
+            _check_lm_data(cfg, tok)
         plan = plan_run(cfg, world.world_size)
+        if cfg.task != "classify" and lm is None:  # scratch LM: same architecture, random weights
+            from llmscale.models import build_model
+
+            torch.manual_seed(cfg.train.seed)
+            lm = build_model(model_cfg)
         return _fit(cfg, world=world, plan=plan, lm=lm, model_cfg=model_cfg, tok=tok, tok_dir=tok_dir,
                     train_f=train_f, val_f=val_f, labels=labels, clf_cfg=clf_cfg, no_resume=no_resume,
                     final_weights=final_weights)
@@ -152,7 +206,7 @@ def _fit(cfg: Any, *, world: Any, plan: Any, lm: Any, model_cfg: Any, tok: Any, 
     from llmscale.config import save_resolved
     from llmscale.data.finetune import FinetuneLoader
     from llmscale.engine import build_engine
-    from llmscale.evaluate import classification_validation
+    from llmscale.evaluate import classification_validation, lm_validation, sft_validation
     from llmscale.metrics import MetricsLogger
     from llmscale.models.classify import SequenceClassifier
     from llmscale.trainer import BestTracker, Trainer
@@ -162,39 +216,55 @@ def _fit(cfg: Any, *, world: Any, plan: Any, lm: Any, model_cfg: Any, tok: Any, 
         run_dir.mkdir(parents=True, exist_ok=True)
         record_tokenizer(run_dir, tok_dir)
         save_resolved(cfg, run_dir / CONFIG_FILE)
-        labels.save(run_dir / LABELS_FILE)
+        if labels is not None:
+            labels.save(run_dir / LABELS_FILE)
     ldist.barrier()
-    torch.manual_seed(cfg.train.seed)  # the same new head on every rank
-    if lm is None:
-        model = SequenceClassifier.from_config(model_cfg, clf_cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+    if cfg.task == "classify":
+        torch.manual_seed(cfg.train.seed)  # the same new head on every rank
+        if lm is None:
+            model = SequenceClassifier.from_config(model_cfg, clf_cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+        else:
+            model = SequenceClassifier.from_pretrained_lm(lm, clf_cfg, pad_id=tok.pad_id)
+        log.info("classifier: %s backbone, pooling %s, %d labels %s, %.2fM parameters", model_cfg.family,
+                 clf_cfg.pooling, clf_cfg.num_labels, clf_cfg.labels[:10], model.num_params() / 1e6)
     else:
-        model = SequenceClassifier.from_pretrained_lm(lm, clf_cfg, pad_id=tok.pad_id)
-    log.info("classifier: %s backbone, pooling %s, %d labels %s, %.2fM parameters", model_cfg.family,
-             clf_cfg.pooling, clf_cfg.num_labels, clf_cfg.labels[:10], model.num_params() / 1e6)
+        model = lm
     engine = build_engine(cfg, model, world=world, plan=plan, loss_over="step_targets")
     batch = plan.batch
-    loader = FinetuneLoader(train_f, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
-                            global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
-                            seed=cfg.train.seed, pad_id=tok.pad_id, eval_features=val_f)
+    if cfg.task == "lm":
+        from llmscale.data.loader import build_loader
+
+        loader = build_loader(cfg.data, split="train", dp_rank=engine.dp_rank, dp_size=engine.dp_size,
+                              global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
+                              pad_id=tok.pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
+                              vocab_size=model_cfg.vocab_size, shuffle=True)
+    else:
+        loader = FinetuneLoader(train_f, dp_rank=engine.dp_rank, dp_size=engine.dp_size,
+                                global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
+                                seed=cfg.train.seed, pad_id=tok.pad_id, eval_features=val_f)
 
     def validate() -> dict:
-        out = classification_validation(engine, loader, num_labels=clf_cfg.num_labels, labels=clf_cfg.labels,
-                                        max_batches=cfg.train.eval_batches or None)
-        return {k: v for k, v in out.items() if k not in ("per_class",)}
+        if cfg.task == "classify":
+            out = classification_validation(engine, loader, num_labels=clf_cfg.num_labels, labels=clf_cfg.labels,
+                                            max_batches=cfg.train.eval_batches or None)
+            return {k: v for k, v in out.items() if k not in ("per_class",)}
+        if cfg.task == "sft":
+            return sft_validation(engine, loader, max_batches=cfg.train.eval_batches or None)
+        return lm_validation(engine, loader, max_batches=cfg.train.eval_batches or None)
 
     def tokens_in(micro_batches: list) -> int:  # real (unpadded) tokens of the step, all ranks
         n = torch.tensor(float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)))
         return int(engine.all_reduce_dp(n.to(engine.device)).item())
 
-    metric = {"loss": "val_loss"}.get(cfg.train.metric, cfg.train.metric)
-    best = BestTracker(metric, patience=cfg.train.patience) if val_f is not None else None
+    has_val = val_f is not None or (cfg.task == "lm" and loader.val_num_tokens > 0)
+    best = BestTracker(cfg.metric_key, patience=cfg.train.patience) if has_val else None
     manager = CheckpointManager(cfg, world=world)
     metrics = MetricsLogger(run_dir, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
                             total_steps=cfg.train.steps)
     try:
         trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics, checkpoints=manager,
-                          no_resume=no_resume, validate=validate if val_f is not None else None, best=best,
-                          tokens_in=tokens_in)
+                          no_resume=no_resume, validate=validate if has_val else dict, best=best,
+                          tokens_in=None if cfg.task == "lm" else tokens_in)
         summary = trainer.fit()
     finally:
         metrics.close()

@@ -15,6 +15,24 @@ biases, untied head. Any mix is allowed by ModelConfig. State-dict names:
     lm_head.weight                        (V, C)                untied only; tied: tok_embed.weight
 (biases absent when ``bias=false``; RMSNorm has no bias.)
 
+Packed sequences (SFT with ``packing=True``, :mod:`llmscale.data.sft_data`). A packed row holds several whole
+examples back to back (then right padding); each must be computed exactly as if it were alone in its row.
+``forward`` takes, besides ``input_ids`` (B, T):
+
+    position_ids (B, T) int   the position of each token within its own example: 0, 1, .. restarting at every
+                              example (0 on pads); in [0, max_seq_len). Replaces arange(T): indexes pos_embed
+                              (learned) or sets the RoPE rotation.
+    doc_ids      (B, T) int   the example each token belongs to (0, 1, .. within the row; -1 on pads). Query i
+                              attends key j iff j <= i and doc_ids[i] == doc_ids[j] (pads attend only to pads),
+                              through scaled_dot_product_attention with a boolean (B, 1, T, T) mask.
+
+A packed batch passes both; either alone is allowed (doc_ids alone keeps arange positions). Without them the
+model runs unchanged: arange positions and ``is_causal=True`` attention (flash attention on GPUs). Labels stay
+per example (``sft_data`` never makes the last token of one example predict the first of the next), so a
+packed batch has the loss and gradients of its examples unpacked. Packing is for :meth:`GPT.forward` (and
+:meth:`hidden_states`) only: the KV-cache path (``forward_cached``) and the pipeline view
+(``pipeline_layers()``) do not take it and raise if handed packed inputs.
+
 :class:`GPTBackbone` is the same model without its LM head (final hidden states out), under the same names:
 the backbone of :class:`llmscale.models.classify.SequenceClassifier`.
 """
@@ -32,6 +50,7 @@ from llmscale.models.layers import (
     KVCache,
     LanguageModel,
     ModelOutput,
+    document_mask,
     init_weights,
     lm_loss,
     make_norm,
@@ -43,6 +62,12 @@ from llmscale.models.pipeline import LayerDef
 
 def _first(inputs: Any) -> torch.Tensor:
     return inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+
+
+def _check_same_shape(name: str, t: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if t.shape != input_ids.shape or t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be an integer tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{t.dtype} {tuple(t.shape)}: give one entry per token (see llmscale.models.gpt).")
 
 
 class _DecoderTrunk:
@@ -63,22 +88,41 @@ class _DecoderTrunk:
                 f"sequence of {start + T} tokens exceeds model.max_seq_len={self.config.max_seq_len}: use a "
                 f"shorter data.seq_len / prompt, or a model with a larger max_seq_len.")
 
-    def _embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, start: int = 0,
+               position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.tok_embed(input_ids)  # (B, T, C)
-        return _add_positions(self.pos_embed, x, start, self.drop.p, self.training)
+        return _add_positions(self.pos_embed, x, start, self.drop.p, self.training, position_ids)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C). attention_mask (B, T): 1 = real token, 0 = padding (keys only;
-        positions are not shifted, so right padding leaves the real positions exactly as without it)."""
+        positions are not shifted, so right padding leaves the real positions exactly as without it).
+        position_ids / doc_ids (B, T): packed rows (see the module docstring)."""
         B, T = input_ids.shape
         self._check_len(T)
         key_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()
-        x = self._embed(input_ids)
+        attn_mask = None
+        if doc_ids is not None:
+            _check_same_shape("doc_ids", doc_ids, input_ids)
+            attn_mask, key_mask = document_mask(doc_ids, key_mask), None  # (B, 1, T, T), padding folded in
+        if position_ids is not None:
+            _check_same_shape("position_ids", position_ids, input_ids)
+            if T and bool(((position_ids < 0) | (position_ids >= self.config.max_seq_len)).any()):
+                raise ValueError(f"position_ids must lie in [0, model.max_seq_len={self.config.max_seq_len}), got "
+                                 f"{int(position_ids.min())}..{int(position_ids.max())}: they count tokens within "
+                                 f"each packed example, from 0.")
+        x = self._embed(input_ids, position_ids=position_ids)
         ckpt = self.config.activation_checkpointing and self.training
         for block in self.blocks:
-            x = run_block(block, x, key_mask, ckpt)
+            x = run_block(block, x, key_mask, ckpt, attn_mask=attn_mask, position_ids=position_ids)
         return self.final_norm(x)
 
 
@@ -107,12 +151,17 @@ class GPT(_DecoderTrunk, LanguageModel):
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
         next_sentence_label: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> ModelOutput:
         """input_ids (B, T); labels (B, T) aligned (labels[:, t] is the target at position t, -100 ignored);
-        attention_mask (B, T) 1 = real token, 0 = padding (keys only; positions are not shifted)."""
+        attention_mask (B, T) 1 = real token, 0 = padding (keys only; positions are not shifted);
+        position_ids (B, T) positions within each packed example, doc_ids (B, T) example index (-1 on pads):
+        packed rows, each example attending only to itself (see the module docstring)."""
         if token_type_ids is not None or next_sentence_label is not None:
             raise ValueError("token_type_ids / next_sentence_label are BERT inputs; a GPT model takes neither.")
-        logits = self._logits(self.hidden_states(input_ids, attention_mask))
+        h = self.hidden_states(input_ids, attention_mask, position_ids=position_ids, doc_ids=doc_ids)
+        logits = self._logits(h)
         if labels is None:
             return ModelOutput(logits=logits)
         loss, n = lm_loss(logits, labels)
@@ -122,11 +171,17 @@ class GPT(_DecoderTrunk, LanguageModel):
         return TP_PLAN
 
     def pipeline_layers(self) -> list[LayerDef]:
-        """tok_embed (tied "embed") -> [pos_embed | embed_dropout] -> blocks.i -> final_norm -> lm_head."""
+        """tok_embed (tied "embed") -> [pos_embed | embed_dropout] -> blocks.i -> final_norm -> lm_head.
+        The first layer reads ``(input_ids,)`` or ``(input_ids, token_type_ids, attention_mask)`` (the latter
+        two unused: right padding needs no mask in a causal model); packed rows are not supported here."""
         tie = "embed" if self.lm_head is None else None
         p, max_len = self.drop.p, self.config.max_seq_len
 
         def embed_fn(mod: nn.Module, inputs: Any) -> torch.Tensor:
+            if isinstance(inputs, (tuple, list)) and len(inputs) > 3:
+                raise ValueError(f"the GPT pipeline takes (input_ids,) or (input_ids, token_type_ids, attention_mask), "
+                                 f"got {len(inputs)} tensors: packed sequences (position_ids / doc_ids) are not "
+                                 f"supported with a pipeline; use parallel.pipeline_parallel=1 or packing=false.")
             ids = _first(inputs)
             if ids.size(1) > max_len:
                 raise ValueError(f"sequence of {ids.size(1)} tokens exceeds model.max_seq_len={max_len}.")
@@ -198,9 +253,12 @@ class GPTBackbone(_DecoderTrunk, nn.Module):
 
 
 def _add_positions(pos_embed: Optional[nn.Embedding], x: torch.Tensor, start: int, p: float,
-                   training: bool) -> torch.Tensor:
-    """x + learned positions start..start+T-1 (if any), then embedding dropout."""
+                   training: bool, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x + learned positions (if any) start..start+T-1, or ``position_ids`` (B, T); then embedding dropout."""
     if pos_embed is not None:
-        pos = torch.arange(start, start + x.size(1), device=x.device)
-        x = x + pos_embed(pos)  # (B, T, C) + (T, C)
+        if position_ids is None:
+            pos = torch.arange(start, start + x.size(1), device=x.device)
+            x = x + pos_embed(pos)  # (B, T, C) + (T, C)
+        else:
+            x = x + pos_embed(position_ids)  # (B, T, C) + (B, T, C)
     return F.dropout(x, p, training) if p > 0 else x

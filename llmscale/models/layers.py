@@ -91,10 +91,23 @@ def norm_params(cfg, dim: Optional[int] = None) -> int:
 def rope_cos_sin(start: int, length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (length, head_dim) for positions start..start+length-1, in fp32 whatever the autocast
     state (elementwise products only), in the rotate-half layout [f0..f_{d/2-1}, f0..f_{d/2-1}]."""
+    return _rope_tables(torch.arange(start, start + length, device=device, dtype=torch.int64), head_dim, theta)
+
+
+def rope_cos_sin_at(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, T, head_dim) for explicit positions ``position_ids`` (B, T) (packed rows, whose
+    positions restart at every example), broadcasting over the heads of (B, h, T, hd). Same values as
+    :func:`rope_cos_sin` at the same positions."""
+    cos, sin = _rope_tables(position_ids, head_dim, theta)  # (B, T, hd)
+    return cos[:, None], sin[:, None]
+
+
+def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (*positions.shape, head_dim) of integer positions, computed in fp32."""
+    device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
-    pos = torch.arange(start, start + length, device=device, dtype=torch.int64).float()
-    freqs = pos[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    freqs = positions.to(torch.int64).float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
     return emb.cos(), emb.sin()
 
 
@@ -104,12 +117,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, h, T, hd); cos/sin: (T, hd) in fp32, cast to x's dtype as transformers' Llama does."""
+    """x: (B, h, T, hd); cos/sin: (T, hd) or (B, 1, T, hd) in fp32, cast to x's dtype as transformers' Llama
+    does."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
 
 
 # --------------------------------------------------------------------------- attention
+
+
+def document_mask(doc_ids: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention inside each example of packed rows: bool (B, 1, T, T), True where query i may attend
+    key j, i.e. j <= i and doc_ids[:, i] == doc_ids[:, j]. ``doc_ids`` (B, T): the example index of each
+    position (-1 on padding, so pads attend only to pads and no row is empty). ``key_mask`` (B, T), True = real
+    token, is folded in (a masked query still sees itself)."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # (B, T, T)
+    if key_mask is not None:
+        own = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+        mask = mask & (key_mask.bool()[:, None, :] | own)
+    return mask[:, None]  # (B, 1, T, T)
+
 
 
 class Attention(nn.Module):
@@ -138,16 +167,29 @@ class Attention(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         start_pos: int = 0,
+        attn_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: (B, T, C). key_mask: bool (B, Tk) True = may be attended to (padding mask), or None.
-        kv: preallocated cache buffers (B, nkv, max_len, hd) written at [start_pos, start_pos+T)."""
+        kv: preallocated cache buffers (B, nkv, max_len, hd) written at [start_pos, start_pos+T).
+        attn_mask: bool (B, 1, T, T) True = query may attend key (:func:`document_mask`), replacing the causal
+        and key masks; position_ids (B, T): RoPE positions instead of start_pos + arange(T). Neither with kv."""
         B, T, _ = x.shape
         hd = self.head_dim
+        if kv is not None and (attn_mask is not None or position_ids is not None):
+            raise ValueError("attn_mask / position_ids (packed sequences) are not supported with a KV cache: "
+                             "generate one sequence per row.")
+        if attn_mask is not None and key_mask is not None:
+            raise ValueError("give key_mask or attn_mask, not both: fold the padding into attn_mask "
+                             "(document_mask(doc_ids, key_mask)).")
         q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(start_pos, T, hd, self.rope_theta, x.device)
+            if position_ids is None:
+                cos, sin = rope_cos_sin(start_pos, T, hd, self.rope_theta, x.device)  # (T, hd)
+            else:
+                cos, sin = rope_cos_sin_at(position_ids, hd, self.rope_theta)  # (B, 1, T, hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             kbuf, vbuf = kv
@@ -155,8 +197,8 @@ class Attention(nn.Module):
             vbuf[:, :, start_pos:start_pos + T] = v.to(vbuf.dtype)
             k, v = kbuf[:, :, :start_pos + T].to(q.dtype), vbuf[:, :, :start_pos + T].to(q.dtype)
         Tk = k.size(2)
-        mask, is_causal = None, False
-        if self.causal and T > 1:
+        mask, is_causal = attn_mask, False
+        if attn_mask is None and self.causal and T > 1:
             if Tk == T and key_mask is None:
                 is_causal = True  # the fast path (flash attention on GPUs)
             else:
@@ -220,21 +262,28 @@ class Block(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         start_pos: int = 0,
+        *,
+        attn_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """See :meth:`Attention.forward` for the masks, cache and positions."""
+        kw = dict(key_mask=key_mask, kv=kv, start_pos=start_pos, attn_mask=attn_mask, position_ids=position_ids)
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.attn_norm(x), key_mask=key_mask, kv=kv, start_pos=start_pos))
+            x = x + self.drop(self.attn(self.attn_norm(x), **kw))
             return x + self.drop(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attn(x, key_mask=key_mask, kv=kv, start_pos=start_pos)))
+        x = self.attn_norm(x + self.drop(self.attn(x, **kw)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
-def run_block(block: Block, x: torch.Tensor, key_mask: Optional[torch.Tensor], checkpoint: bool) -> torch.Tensor:
+def run_block(block: Block, x: torch.Tensor, key_mask: Optional[torch.Tensor], checkpoint: bool, *,
+              attn_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One block, recomputed in backward (activation checkpointing) when asked and gradients are on."""
+    kw = dict(attn_mask=attn_mask, position_ids=position_ids)
     if checkpoint and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint as ckpt
 
-        return ckpt(block, x, key_mask, use_reentrant=False)
-    return block(x, key_mask)
+        return ckpt(block, x, key_mask, use_reentrant=False, **kw)
+    return block(x, key_mask, **kw)
 
 
 # --------------------------------------------------------------------------- initialisation and counting

@@ -52,11 +52,17 @@ class LSTMLM(LanguageModel):
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
         next_sentence_label: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> ModelOutput:
         """Same contract as GPT. An LSTM reads left to right, so attention_mask is only accepted when it is
-        all ones (right padding is harmless: its outputs are simply ignored through labels=-100)."""
+        all ones (right padding is harmless: its outputs are simply ignored through labels=-100). Packed rows
+        (position_ids / doc_ids) are refused: the recurrent state would carry one example into the next."""
         if token_type_ids is not None or next_sentence_label is not None:
             raise ValueError("token_type_ids / next_sentence_label are BERT inputs; the LSTM LM takes neither.")
+        if position_ids is not None or doc_ids is not None:
+            raise ValueError("the LSTM LM cannot keep packed examples apart (its state runs through the whole row): "
+                             "fine-tune it with packing=false, or pack for a GPT model.")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the LSTM LM reads every position: pass right-padded batches without attention_mask "
                              "and ignore padded targets with labels=-100.")
