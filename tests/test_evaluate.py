@@ -34,3 +34,17 @@ def test_binary_and_degenerate_cases():
     assert all_one["accuracy"] == 0.5 and all_one["mcc"] == 0.0 and all_one["per_class"]["0"]["precision"] == 0.0
     # a class absent from gold and predictions does not dilute the macro mean
     assert classification_metrics([[2, 0, 0], [0, 2, 0], [0, 0, 0]])["f1"] == 1.0
+
+
+def test_best_tracker_picks_the_best_and_stops_after_patience():
+    from llmscale.trainer import BestTracker
+
+    acc = BestTracker("accuracy", patience=2)
+    seen = [acc.update({"accuracy": a}, step) for step, a in ((10, 0.6), (20, 0.7), (30, 0.65), (40, 0.7), (50, 0.8))]
+    assert seen == [(True, False), (True, False), (False, False), (False, True), (True, False)]
+    assert acc.best == 0.8 and acc.best_step == 50  # a tie is not an improvement; patience counts from the best
+    loss = BestTracker("val_loss")  # lower is better; patience 0 never stops
+    assert [loss.update({"val_loss": v}, s)[0] for s, v in ((1, 2.0), (2, 1.5), (3, 1.7))] == [True, True, False]
+    back = BestTracker("val_loss")
+    back.load_state_dict(loss.state_dict())
+    assert (back.best, back.best_step, back.bad_evals) == (1.5, 2, 1) and not any(loss.update({"val_loss": 9}, 4))

@@ -42,9 +42,9 @@ def __getattr__(name: str) -> Any:
 
         return LayerDef
     if name in ("SequenceClassifier", "ClassifierConfig"):
-        from llmscale.models import classify
+        from llmscale.models.classify import ClassifierConfig, SequenceClassifier
 
-        return getattr(classify, name)
+        return {"SequenceClassifier": SequenceClassifier, "ClassifierConfig": ClassifierConfig}[name]
     raise AttributeError(f"module 'llmscale.models' has no attribute {name!r}")
 
 

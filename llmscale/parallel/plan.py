@@ -167,9 +167,9 @@ def check_layout(cfg: Any, world_size: int, *, batch: Optional[BatchPlan] = None
             f"engine supports ZeRO stage 0 or 1 only (stage 2/3 partition gradients inside the 1F1B schedule). "
             f"Use parallel.zero_stage=1, or parallel.pipeline_parallel=1 to keep ZeRO-{par.zero_stage}."
         )
-    if model.family == "lstm" and (tp > 1 or pp > 1):
+    if model.family in ("lstm", "bilstm") and (tp > 1 or pp > 1):
         raise LayoutError(
-            "model.family=lstm has no tensor- or pipeline-parallel split; use parallel.tensor_parallel=1 "
+            f"model.family={model.family} has no tensor- or pipeline-parallel split; use parallel.tensor_parallel=1 "
             "parallel.pipeline_parallel=1 (data parallel with any ZeRO stage works)."
         )
     if tp > 1:
