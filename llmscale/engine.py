@@ -54,7 +54,7 @@ log = get_logger(__name__)
 
 __all__ = ["Engine", "StepResult", "NonFiniteError", "build_engine", "build_deepspeed_config", "resolve_precision"]
 
-_MODEL_KWARGS = ("labels", "attention_mask", "token_type_ids", "next_sentence_label")
+_MODEL_KWARGS = ("labels", "attention_mask", "token_type_ids", "next_sentence_label", "position_ids", "doc_ids")
 
 
 
@@ -175,6 +175,9 @@ class _PipeLoss:
 def _pipe_batch(mb: dict, device) -> tuple:
     """A loader micro-batch -> DeepSpeed pipeline batch ``(inputs_tuple, labels)``: the first stage reads
     the inputs, the last the labels."""
+    if "position_ids" in mb or "doc_ids" in mb:
+        raise LayoutError("packed sequences (position_ids / doc_ids) are not supported with pipeline_parallel>1: "
+                          "use sft.packing=false or parallel.pipeline_parallel=1.")
     ids = mb["input_ids"].to(device)
     if "token_type_ids" in mb or "attention_mask" in mb:
         inputs = (ids, mb.get("token_type_ids", torch.zeros_like(mb["input_ids"])).to(device),

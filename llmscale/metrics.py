@@ -114,7 +114,7 @@ _CONSOLE_TRAIN = (("loss", "loss"), ("lr", "lr"), ("grad_norm", "gnorm"), ("toke
                   ("step_time_s", "step_s"), ("data_time_s", "data_s"), ("mfu", "mfu"), ("mem_alloc_gb", "mem_gb"),
                   ("rss_gb", "rss_gb"))
 _CONSOLE_VAL = (("val_loss", "val_loss"), ("val_ppl", "ppl"), ("val_bpb", "bits/byte"), ("val_tokens", "tokens"),
-                ("eval_time_s", "s"))
+                ("accuracy", "acc"), ("f1", "f1"), ("mcc", "mcc"), ("examples", "examples"), ("eval_time_s", "s"))
 
 
 class MetricsLogger:

@@ -204,6 +204,11 @@ def test_sft_and_continued_pretraining_from_a_gpt_run(tiny_gpt_dataset, tmp_path
     assert summary["val_tokens"] == feats.num_targets
     run_cli(["export", str(run), str(tmp_path / "exp")])
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    # packed rows (attention and positions restart per example) train on 2 ranks and score the same targets
+    packed = run_cli(["finetune", str(ROOT / "configs" / "finetune_sft_gpt.yaml"),
+                      *[f"{k}={v}" for k, v in {**o, "run_dir": tmp_path / "packed", "sft.packing": "true"}.items()]],
+                     nproc=2, timeout=600)
+    assert json.loads(packed.stdout.strip().splitlines()[-1])["val_tokens"] == feats.num_targets
     # continued pretraining on the dataset the run was pretrained on; a dataset of another tokenizer is refused
     lm_args = ["finetune", str(ROOT / "configs" / "finetune_sft_gpt.yaml"), "task=lm", f"init.from={ckpt}",
                f"data.path={tiny_gpt_dataset}", "data.seq_len=64", "parallel.micro_batch_size=4",
@@ -218,3 +223,18 @@ def test_sft_and_continued_pretraining_from_a_gpt_run(tiny_gpt_dataset, tmp_path
                     seq_len=64, val_fraction=0.05, doc_split="paragraph", num_proc=1)  # another tokenizer
     p = run_cli([*lm_args, f"run_dir={tmp_path / 'lm2'}", f"data.path={other}"], check=False)
     assert p.returncode == 1 and "llmscale prepare --tokenizer" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_zero_stages_give_the_same_classifier(tokenizer_dir, task, tmp_path):
+    """Data parallel with ZeRO 0, 2 and 3: the same fine-tuned weights (fp32; reduction order only)."""
+    extra = {"init.tokenizer": tokenizer_dir, "model.preset": "gpt-tiny", "model.bias": "false", "model.dropout": 0.0,
+             "classify.dropout": 0.0, "train.steps": 4, "train.eval_every": 0, "checkpoint.every_steps": 0}
+    final = {}
+    for z in (0, 2, 3):
+        run = tmp_path / f"z{z}"
+        run_cli(_ft_args(run, "scratch", task, **extra, **{"parallel.zero_stage": z}), nproc=2, timeout=600)
+        final[z] = torch.load(run / "final" / "model.pt", weights_only=True)
+    for z in (2, 3):
+        assert set(final[z]) == set(final[0])
+        for k, v in final[0].items():
+            torch.testing.assert_close(final[z][k], v, rtol=0, atol=2e-5, msg=f"zero {z}: {k}")
