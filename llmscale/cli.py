@@ -24,7 +24,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("data", "order"): "Which sample ids every rank reads at every step (JSON).",
     ("data", "verify"): "Check a dataset's shards against its manifest checksums.",
     ("train",): "Pretrain a GPT or BERT model from a YAML config on DeepSpeed.",
-    ("finetune",): "Fine-tune a classifier from any checkpoint or model folder on DeepSpeed.",
+    ("finetune",): "Fine-tune (classify, sft, lm) from any checkpoint or model folder on DeepSpeed.",
     ("generate",): "Generate text from a checkpoint or an exported model.",
     ("export",): "Write a checkpoint as a Hugging Face transformers folder.",
     ("import",): "Import a Hugging Face folder as an llmscale model.",

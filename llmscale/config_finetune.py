@@ -24,7 +24,8 @@ class InitConfig:
 
     from_: str = doc("scratch", "A pretraining run dir, a checkpoint of any layout, an llmscale model folder, a "
                                 "transformers folder, or `scratch` (model.* with random weights).")
-    tokenizer: str = doc("", "llmscale tokenizer folder; needed with from=scratch (else it comes with the weights).")
+    tokenizer: str = doc("", "llmscale tokenizer folder: needed with from=scratch; otherwise it replaces the one "
+                             "that comes with the weights (e.g. a transformers folder without an llmscale one).")
 
 
 @dataclass

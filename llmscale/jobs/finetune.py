@@ -82,10 +82,17 @@ def _initial_model(cfg: Any):
     if loaded.classifier is not None:
         raise ConfigError(f"init.from={source} is already a classifier; fine-tune from a language model (a "
                           f"pretraining run, checkpoint or model folder), or resume its own run directory.")
-    if not isinstance(loaded.tokenizer, Tokenizer):
-        raise ConfigError(f"init.from={source} carries no llmscale tokenizer (classification inputs need its "
-                          f"[CLS]/[SEP]/pad ids). Import it with `llmscale import` and pass init.tokenizer=DIR.")
-    return loaded.model, loaded.config, loaded.tokenizer, loaded.tokenizer_dir
+    tok, tok_dir = loaded.tokenizer, loaded.tokenizer_dir
+    if cfg.init.tokenizer:  # e.g. a transformers folder imported with `llmscale import`, whose tokenizer is not ours
+        tok, tok_dir = Tokenizer.load(cfg.init.tokenizer), Path(cfg.init.tokenizer)
+        if tok.vocab_size > loaded.config.vocab_size:
+            raise ConfigError(f"init.tokenizer={cfg.init.tokenizer} has {tok.vocab_size} pieces but the model of "
+                              f"init.from={source} embeds only {loaded.config.vocab_size}: give the tokenizer the "
+                              f"model was trained with.")
+    if not isinstance(tok, Tokenizer):
+        raise ConfigError(f"init.from={source} carries no llmscale tokenizer (inputs need its [CLS]/[SEP]/pad/eos "
+                          f"ids). Pass init.tokenizer=DIR (an llmscale tokenizer folder with the model's ids).")
+    return loaded.model, loaded.config, tok, tok_dir
 
 
 def _features(cfg: Any, tok: Any, family: str):
