@@ -469,7 +469,22 @@ def test_eval_serves_each_example_once_over_two_ranks():
     assert len(list(_loader(feats, 1, 2, gbs=8, mbs=4).eval_batches(max_batches=2))) == 2
     other = _features(5, seed=3)
     got = [i for b in _loader(feats, 0, 1, eval_features=other).eval_batches() for i in b["sample_ids"].tolist()]
-    assert got == [0, 1, 2, 3, 4, -1]
+    assert sorted(i for i in got if i >= 0) == [0, 1, 2, 3, 4] and got.count(-1) == 1
+    # the evaluation order is a fixed permutation: the same at every pass and on any number of ranks
+    one = [i for b in _loader(feats, 0, 1, gbs=8, mbs=8).eval_batches() for i in b["sample_ids"].tolist() if i >= 0]
+    assert one == [i for b in _loader(feats, 0, 1, gbs=8, mbs=8).eval_batches() for i in b["sample_ids"].tolist()
+                   if i >= 0] and one != sorted(one)
+
+
+def test_a_shortened_evaluation_is_a_sample_of_every_class_not_the_first_rows():
+    """Files sorted by label (IMDb's neg/ then pos/ folders): the first rows are all one class; a validation
+    cut short by max_batches must still see both (found on the IMDb config, whose first 1,280 test reviews
+    are all negative)."""
+    feats = _features(400)
+    feats.labels[:] = np.repeat([0, 1], 200)  # sorted by label
+    labels = [int(v) for b in _loader(feats, 0, 1, gbs=8, mbs=8).eval_batches(max_batches=10)
+              for v in b["labels"].tolist()]
+    assert len(labels) == 80 and 20 <= sum(labels) <= 60
 
 
 def test_sft_loader_batches_and_eval_pad_rows():

@@ -22,10 +22,11 @@ The loader has the contract of the pretraining loader (:mod:`llmscale.data.loade
   mid-epoch on any number of ranks (and continues the same stream under another global batch size).
 - Dynamic padding. Each micro-batch is padded to its own longest row.
 - Evaluation. ``eval_batches()`` serves every row of the evaluation features (``eval_features``, or
-  the loader's own) exactly once over the ranks, in order: global eval batches of
-  ``dp_size * micro_batch_size`` rows, rank ``r`` taking chunk ``r``; rows past the end (the last,
-  uneven batch) repeat row 0 with every label -100 and ``sample_ids`` -1, so they count nowhere.
-  Every rank yields the same number of micro-batches.
+  the loader's own) exactly once over the ranks, in a fixed seeded permutation (``shuffle=False``: in
+  file order): global eval batches of ``dp_size * micro_batch_size`` rows, rank ``r`` taking chunk ``r``;
+  rows past the end (the last, uneven batch) repeat a row with every label -100 and ``sample_ids`` -1, so
+  they count nowhere. Every rank yields the same number of micro-batches. ``max_batches`` cuts a pass
+  short: thanks to the permutation that is a uniform sample of the evaluation rows, the same each time.
 
 Micro-batch keys (all int64 tensors):
 
@@ -71,6 +72,7 @@ log = get_logger(__name__)
 
 STATE_VERSION = 1
 _TAG_PERM = 0x46545045  # "FTPE": independent of the pretraining loader's streams
+_TAG_EVAL = 0x46544556  # "FTEV": the fixed evaluation order
 Features = Union[ClassificationFeatures, SFTFeatures]
 Collate = Callable[..., dict]  # collate(features, rows, pad_id=...) -> dict of numpy arrays
 
@@ -201,14 +203,28 @@ class FinetuneLoader:
             return
         gb = self.dp_size * self.micro_batch_size
         n_batches = math.ceil(n / gb) if max_batches is None else min(math.ceil(n / gb), max_batches)
+        # A fixed permutation (the same at every evaluation and on any number of ranks): a whole pass is
+        # unchanged by it, and a pass cut short by max_batches is a uniform sample, not the first rows of a
+        # file (files sorted by label, like IMDb's folders, would otherwise give a one-class "validation").
+        order = self._eval_order(n)
+        if n_batches * gb < n and self.dp_rank == 0:
+            log.info("evaluating a fixed random sample of %d of the %d evaluation examples (max_batches=%d)",
+                     n_batches * gb, n, max_batches)
         for k in range(n_batches):
             pos = k * gb + self.dp_rank * self.micro_batch_size + np.arange(self.micro_batch_size, dtype=np.int64)
             pad = pos >= n
-            batch = self._batch(feats, np.where(pad, 0, pos))
+            rows = order[np.where(pad, 0, pos)]
+            batch = self._batch(feats, rows)
             if pad.any():
                 batch["labels"][pad] = IGNORE  # (B,) class ids or (B, T) token targets: the row counts nowhere
-            batch["sample_ids"] = np.where(pad, -1, pos)
+            batch["sample_ids"] = np.where(pad, -1, rows)
             yield {k2: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k2, v in batch.items()}
+
+    def _eval_order(self, n: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _TAG_EVAL, n])))
+        return rng.permutation(n).astype(np.int64)
 
     # ---------------------------------------------------------------- state
 
