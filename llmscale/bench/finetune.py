@@ -118,7 +118,8 @@ def _pretrain_config(*, preset: str, fmt: str, data: str, seq_len: int, mbs: int
             "train": {"steps": 1000, "precision": "fp32", "tensorboard": False}}
 
 
-def _finetune_config(*, preset: str, task: str, max_len: int, mbs: int, world_size: int, tokenizer: str) -> dict:
+def _finetune_config(*, preset: str, task: str, max_len: int, mbs: int, world_size: int, tokenizer: str,
+                     packing: bool = False) -> dict:
     out = {**_common(mbs, world_size, {"preset": preset, "dropout": 0.0}), "run_dir": "unused", "task": task,
            "init": {"from": "scratch", "tokenizer": tokenizer},
            "train": {"steps": 1000, "precision": "fp32", "tensorboard": False}}
@@ -127,7 +128,7 @@ def _finetune_config(*, preset: str, task: str, max_len: int, mbs: int, world_si
         out["classify"] = {"train": [str(TEXT_CORPUS)], "max_len": max_len, "labels": ["0", "1"],
                            "pooling": "cls_pooler"}
     else:
-        out["sft"] = {"train": [str(SFT_CORPUS)], "max_len": max_len}
+        out["sft"] = {"train": [str(SFT_CORPUS)], "max_len": max_len, "packing": packing}
     return out
 
 
@@ -243,6 +244,7 @@ def _finetune_side(name: str, cfg_dict: dict, features: Any, world_size: int, wo
 def _group_worker(world_size: int, group: dict, steps: int, warmup: int) -> dict:
     from llmscale.dist import discover_world
 
+    t0 = time.perf_counter()
     world = discover_world()
     ids, vocab = group["ids"], group["vocab_size"]
     sides = [_pretrain_side(group["pretrain"], world_size, world, ids)]
@@ -268,6 +270,7 @@ def _group_worker(world_size: int, group: dict, steps: int, warmup: int) -> dict
     for side in sides:
         side.loader.close()
     out = {side.name: side.result() for side in sides}
+    out["wall_s"] = time.perf_counter() - t0  # engines built, warm-up and measured steps of every side
     if packed_skipped:
         out["packed_skipped"] = packed_skipped
     return out
@@ -357,10 +360,9 @@ def _groups(prep: dict, *, world_size: int, seq_len: int, max_len: int, mbs: int
     vocab = prep["tokenizer"].vocab_size
     common = {"ids": prep["ids"], "vocab_size": vocab}
     ft = dict(max_len=max_len, mbs=mbs, world_size=world_size, tokenizer=prep["tokenizer_dir"])
-    sft_cfg = _finetune_config(preset=GPT_PRESET, task="sft", **ft)
-    gpt_ft = [("dynamic", sft_cfg, prep["sft"])]
+    gpt_ft = [("dynamic", _finetune_config(preset=GPT_PRESET, task="sft", **ft), prep["sft"])]
     if packing:
-        gpt_ft.append(("packed", sft_cfg, prep["packed"]))
+        gpt_ft.append(("packed", _finetune_config(preset=GPT_PRESET, task="sft", packing=True, **ft), prep["packed"]))
     pre = dict(seq_len=seq_len, mbs=mbs, world_size=world_size, vocab_size=vocab)
     return [
         {"model": BERT_PRESET, "task": "classify", **common,
@@ -387,9 +389,7 @@ def run_cpu(prep: dict, *, nprocs: list[int], steps: int, warmup: int, seq_len: 
     runs, ratios = [], []
     for n in nprocs:
         groups = _groups(prep, world_size=n, seq_len=seq_len, max_len=max_len, mbs=mbs, packing=no_packing is None)
-        t0 = time.time()
         res = run_local_ranks(_worker, n, args=(groups, steps, warmup), timeout=1800, env=_CPU_RANK_ENV)
-        wall = round(time.time() - t0, 1)
         for gi, group in enumerate(groups):
             per_rank = [r[gi] for r in res]
             pre = _pretrain_entry(_aggregate([r["pretrain"] for r in per_rank]),
@@ -403,24 +403,27 @@ def run_cpu(prep: dict, *, nprocs: list[int], steps: int, warmup: int, seq_len: 
             ratio = {"model": group["model"], "task": group["task"], "variant": "dynamic padding", "nproc": n,
                      **_ratio(ft, pre, target=target)}
             ratios.append(ratio)
-            if group["task"] == "sft":
-                skipped = no_packing or per_rank[0].get("packed_skipped")
-                if skipped:
-                    entry["finetune_packed"] = {"real_tokens_per_s": None, "skipped": skipped}
-                    ratios.append({**ratio, "variant": "packing", "finetune_real_tokens_per_s": None, "ratio": None,
-                                   "meets_target": None, "skipped": skipped})
-                else:
-                    entry["finetune_packed"] = _finetune_entry(_aggregate([r["packed"] for r in per_rank]), "sft")
-                    ratios.append({**ratio, "variant": "packing", **_ratio(entry["finetune_packed"], pre,
-                                                                          target=target)})
-            entry["wall_s"] = wall
-            runs.append(entry)
             log.info("%s %s x%d: fine-tune %.0f real tokens/s (%.0f padded, %.0f examples/s), pretraining %.0f "
                      "tokens/s: ratio %.2f (target %.2f)", group["model"], group["task"], n, ft["real_tokens_per_s"],
                      ft["padded_tokens_per_s"], ft["examples_per_s"], pre["tokens_per_s"], ratio["ratio"], target)
-    return {"runs": runs, "ratios": ratios, "packing": {"measured": all(r["ratio"] is not None for r in ratios),
-                                                        "reason": next((r["skipped"] for r in ratios
-                                                                        if r.get("skipped")), None)}}
+            if group["task"] == "sft":
+                why = no_packing or per_rank[0].get("packed_skipped")
+                if why:
+                    entry["finetune_packed"] = {"real_tokens_per_s": None, "skipped": why}
+                    ratios.append({**ratio, "variant": "packing", "finetune_real_tokens_per_s": None, "ratio": None,
+                                   "meets_target": None, "skipped": why})
+                else:
+                    packed = entry["finetune_packed"] = _finetune_entry(_aggregate([r["packed"] for r in per_rank]),
+                                                                        "sft")
+                    ratios.append({**ratio, "variant": "packing", **_ratio(packed, pre, target=target)})
+                    log.info("%s sft packed x%d: %.0f real tokens/s, padding %.3f (dynamic %.3f): ratio %.2f",
+                             group["model"], n, packed["real_tokens_per_s"], packed["padding_fraction"],
+                             ft["padding_fraction"], ratios[-1]["ratio"])
+            entry["wall_s"] = round(max(r["wall_s"] for r in per_rank), 1)
+            runs.append(entry)
+    skipped = [r["skipped"] for r in ratios if r.get("skipped")]
+    return {"runs": runs, "ratios": ratios,
+            "packing_throughput": {"measured": not skipped, "reason": skipped[0] if skipped else None}}
 
 
 def run(*, nprocs: list[int], steps: int = 10, warmup: int = 3, micro_batch_size: int = 16, max_len: int = 128,
@@ -428,6 +431,8 @@ def run(*, nprocs: list[int], steps: int = 10, warmup: int = 3, micro_batch_size
     """The whole benchmark on the CPU: for each process count in ``nprocs``, both models' fine-tune and
     pretraining steps, ``warmup`` unmeasured then ``steps`` measured ones each."""
     import torch
+
+    from llmscale.config_finetune import FinetuneTrainConfig
 
     if steps < 1 or warmup < 1:
         from llmscale.errors import ConfigError
@@ -453,7 +458,7 @@ def run(*, nprocs: list[int], steps: int = 10, warmup: int = 3, micro_batch_size
     try:
         with tempfile.TemporaryDirectory(prefix="llmscale-bench-ft-") as tmp:
             prep = _prepare(Path(tmp), vocab_size=vocab_size, seq_len=seq_len, max_len=max_len)
-            seed = 1234  # the fine-tune config's train.seed: the loader's order
+            seed = FinetuneTrainConfig().seed  # the fine-tune runs' train.seed: their loaders' order
             report["data"] = _data_report(prep)
             report["padding"] = {
                 "classify": padding_fraction(prep["classify"], micro_batch_size=micro_batch_size, seed=seed),
