@@ -192,6 +192,7 @@ def test_garbage_latest_is_ignored_and_none_usable_is_an_error(two_checkpoints, 
     # only interrupted saves (.tmp-*) are not checkpoints: a fresh start, and they are cleaned up
     fresh = tmp_path / "fresh"
     (fresh / "checkpoints" / ".tmp-step-000002" / "model").mkdir(parents=True)
+    (fresh / "checkpoints" / ".latest.tmp-4242").write_text("step-000002\n")  # an atomic write cut short by a kill
     assert CheckpointManager(world=World(), run_dir=fresh, checkpoint=CheckpointConfig()).find_resumable() is None
     assert list((fresh / "checkpoints").iterdir()) == []
 

@@ -112,6 +112,18 @@ def test_gpt_pp2_checkpoint_to_classifier_to_transformers(tiny_gpt_dataset, task
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["architectures"] == [
         "GPT2ForSequenceClassification"]
     _pipeline_agrees(tmp_path / "exp", _texts(task["val"])[:12])
+    # init.from a plain transformers folder (GPT2LMHeadModel, no llmscale files) with init.tokenizer
+    import shutil
+
+    hf = tmp_path / "hf"
+    run_cli(["export", str(ckpt), str(hf)])
+    tok = tmp_path / "tok"
+    shutil.move(str(hf / "tokenizer"), tok)
+    (hf / "llmscale_config.json").unlink()
+    p = run_cli(_ft_args(tmp_path / "ft_hf", str(hf), task, **{"train.steps": 2}), check=False)
+    assert p.returncode == 2 and "init.tokenizer" in p.stderr  # transformers' tokenizer has no llmscale ids
+    done = run_cli(_ft_args(tmp_path / "ft_hf", str(hf), task, **{"train.steps": 2, "init.tokenizer": tok}))
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
 
 
 def test_bilstm_from_scratch_learns_and_best_survives_retention(tokenizer_dir, task, tmp_path):

@@ -209,11 +209,15 @@ def read_best(run_or_ckpt_dir: str | Path) -> Optional[dict]:
 
 
 def clean_stale(ckpt_dir: Path) -> None:
-    """Remove folders of saves that never completed (.tmp-*) and unfinished deletions (.trash-*)."""
+    """Remove what interrupted work leaves: folders of saves that never completed (.tmp-*), unfinished
+    deletions (.trash-*), and the temporary files of an atomic write cut short (.latest.tmp-PID, ...)."""
     for c in children(ckpt_dir):
         if c.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and c.is_dir():
             log.info("removing %s (left by an interrupted save or clean-up)", c)
             shutil.rmtree(c, ignore_errors=True)
+        elif c.name.startswith(".") and ".tmp-" in c.name and c.is_file():
+            log.info("removing %s (left by an interrupted write)", c)
+            c.unlink(missing_ok=True)
 
 
 def set_aside_corrupt(info: CheckpointInfo) -> None:
