@@ -47,7 +47,7 @@ FINAL_WEIGHTS = "model.pt"
 
 __all__ = ["CHECKPOINTS", "CONFIG_FILE", "FINAL_DIR", "FINAL_WEIGHTS", "METRICS_FILE", "RUN_TOKENIZER", "TB_DIR",
            "TOKENIZER_META", "HFTokenizer", "LoadedModel", "TextTokenizer", "final_weights_path", "is_finished_run",
-           "load_model", "read_tokenizer_meta", "record_tokenizer", "write_final_weights"]
+           "load_model", "read_tokenizer_meta", "record_tokenizer", "save_final_weights", "write_final_weights"]
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -95,6 +95,17 @@ def write_final_weights(run_dir: str | Path, state: dict) -> Path:
     torch.save(state, tmp)
     os.replace(tmp, out)
     return out
+
+
+def save_final_weights(engine: Any, run_dir: str | Path, *, is_main: bool) -> Optional[Path]:
+    """Collective: the engine's consolidated single-device weights to RUN_DIR/final/model.pt, written by the
+    main rank (which gets the path; the others None)."""
+    state = engine.full_state_dict()  # every rank takes part; the weights land on rank 0
+    if not is_main:
+        return None
+    path = write_final_weights(run_dir, state)
+    log.info("final weights written to %s", path)
+    return path
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -14,7 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llmscale.config import CheckpointConfig, DataConfig, DeepSpeedExtra, ModelConfig, OptimConfig, ParallelConfig, doc
+from llmscale.config import (
+    CheckpointConfig,
+    DataConfig,
+    DeepSpeedExtra,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    doc,
+)
 from llmscale.errors import ConfigError
 
 
@@ -79,32 +88,21 @@ class SFTConfig:
 
 
 @dataclass
-class FinetuneTrainConfig:
-    """The fine-tuning loop."""
+class FinetuneTrainConfig(TrainConfig):
+    """The fine-tuning loop: the pretraining loop's fields (other defaults where fine-tuning wants them), plus
+    the metric that picks the best checkpoint and early stopping."""
 
-    steps: int = doc(1000, "Optimizer steps to run.")
-    seed: int = doc(1234, "Seed of the head's initialisation, dropout and the example order.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on GPUs that support it, fp32 on CPU.")
-    compile: bool = doc(False, "torch.compile the model.")
-    log_every: int = doc(10, "Log metrics every N steps.")
     eval_every: int = doc(100, "Validate every N steps (0 = only at the end).")
-    eval_batches: int = doc(0, "Validation micro-batches per rank and evaluation (0 = the whole validation set).")
+    eval_batches: int = doc(0, "Validation micro-batches per rank and evaluation (0 = the whole validation set; "
+                               "fewer: a fixed random sample of it).")
     metric: Literal["auto", "accuracy", "f1", "loss"] = doc(
         "auto", "Validation metric that picks the best checkpoint (auto: accuracy for classify, loss otherwise).")
     patience: int = doc(0, "Stop after this many validations without a better metric (0 = never stop early).")
-    tensorboard: bool = doc(True, "Also write TensorBoard event files under RUN_DIR/tb.")
-    log_all_ranks: bool = doc(False, "Log from every rank, not only rank 0.")
-    nan_policy: Literal["skip", "raise"] = doc(
-        "skip", "On a non-finite loss or grad norm: skip the step on every rank, or stop.")
-    max_bad_steps: int = doc(3, "Roll back to the last checkpoint after this many bad steps in a row (0 = never).")
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}.")
-        if self.log_every < 1:
-            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}.")
-        if self.eval_every < 0 or self.eval_batches < 0 or self.patience < 0:
-            raise ConfigError("train.eval_every, train.eval_batches and train.patience must be >= 0.")
+        super().validate()
+        if self.patience < 0:
+            raise ConfigError(f"train.patience must be >= 0, got {self.patience}.")
 
 
 @dataclass

@@ -208,7 +208,7 @@ def _fit(cfg: Any, *, world: Any, plan: Any, lm: Any, model_cfg: Any, tok: Any, 
     import torch
 
     from llmscale import dist as ldist
-    from llmscale.artifacts import CONFIG_FILE, record_tokenizer, write_final_weights
+    from llmscale.artifacts import CONFIG_FILE, record_tokenizer, save_final_weights
     from llmscale.checkpoint import CheckpointManager
     from llmscale.config import save_resolved
     from llmscale.data.finetune import FinetuneLoader
@@ -277,8 +277,6 @@ def _fit(cfg: Any, *, world: Any, plan: Any, lm: Any, model_cfg: Any, tok: Any, 
         metrics.close()
         loader.close()
     if final_weights and not summary["stopped"]:
-        state = engine.full_state_dict()  # collective; the weights land on rank 0
-        if world.is_main:
-            log.info("final weights written to %s", write_final_weights(run_dir, state))
+        save_final_weights(engine, run_dir, is_main=world.is_main)
     summary["rank"] = world.rank
     return summary

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from llmscale.artifacts import CONFIG_FILE, FINAL_DIR, FINAL_WEIGHTS, record_tokenizer, write_final_weights
+from llmscale.artifacts import CONFIG_FILE, FINAL_DIR, FINAL_WEIGHTS, record_tokenizer, save_final_weights
 from llmscale.config import RunConfig, load_config, save_resolved
 from llmscale.data.checks import check_datasets
 from llmscale.log import get_logger
@@ -121,9 +121,7 @@ def run(cfg: RunConfig, *, final_weights: bool = True, resume_from: str | None =
             metrics.close()
             loader.close()
         if final_weights and not summary["stopped"]:
-            state = engine.full_state_dict()  # collective; the weights land on rank 0
-            if world.is_main:
-                log.info("final weights written to %s", write_final_weights(run_dir, state))
+            save_final_weights(engine, run_dir, is_main=world.is_main)
         summary["rank"] = world.rank
         return summary
     finally:
