@@ -72,6 +72,16 @@ def write_json_fsynced(path: str | Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
+def json_report(obj: Any, output: Optional[str | Path] = None) -> str:
+    """``obj`` as indented JSON text (what a benchmark prints); with ``output``, also written there atomically
+    (parent folders created)."""
+    text = json.dumps(obj, indent=2)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, text + "\n")
+    return text
+
+
 def relative_files(root: str | Path) -> list[str]:
     """Every file below ``root`` as a path relative to it, sorted."""
     out = []

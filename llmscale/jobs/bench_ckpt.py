@@ -20,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llmscale.bench.ckpt import probe, run
-    from llmscale.jobs import print_json
+    from llmscale.files import json_report
 
     if args.resume_probe:
         print(json.dumps(probe(args.resume_probe, args.size_mb)), flush=True)
         return 0
-    print_json(run(size_mb=args.size_mb, workdir=args.workdir, keep=args.keep), args.output)
+    print(json_report(run(size_mb=args.size_mb, workdir=args.workdir, keep=args.keep), args.output))
     return 0

@@ -32,11 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llmscale.bench.data import run
-    from llmscale.jobs import print_json
+    from llmscale.files import json_report
 
     res = run(inputs=args.input, num_proc=args.num_proc, target_mb=args.target_mb, vocab_size=args.vocab_size,
               seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
               rounds=args.rounds, loader_rounds=args.loader_rounds, num_workers=args.num_workers, workdir=args.workdir,
               keep=args.keep)
-    print_json(res, args.output)
+    print(json_report(res, args.output))
     return 0

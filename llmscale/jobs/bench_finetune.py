@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from llmscale.bench.finetune import run
     from llmscale.errors import ConfigError
-    from llmscale.jobs import print_json
+    from llmscale.files import json_report
 
     try:
         nprocs = [int(n) for n in _split(args.nproc)]
@@ -34,5 +34,5 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--micro-batch must be >= 1, got {args.micro_batch}.")
     report = run(nprocs=nprocs, steps=args.steps, warmup=args.warmup, micro_batch_size=args.micro_batch,
                  target=args.target)
-    print_json(report, args.output)
+    print(json_report(report, args.output))
     return 0

@@ -28,11 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llmscale.bench.model import run
-    from llmscale.jobs import print_json
+    from llmscale.files import json_report
 
     res = run(presets=args.presets, seq_len=args.seq_len, batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
               device=args.device, dtype=args.dtype, sdpa=args.sdpa, compile=args.compile,
               activation_checkpointing=args.activation_checkpointing, peak_tflops_override=args.peak_tflops,
               threads=args.threads)
-    print_json(res, args.output)
+    print(json_report(res, args.output))
     return 0

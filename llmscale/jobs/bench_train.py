@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from llmscale.bench.train import run
     from llmscale.errors import ConfigError
-    from llmscale.jobs import print_json
+    from llmscale.files import json_report
 
     try:
         nprocs = [int(n) for n in _split(args.nproc)]
@@ -33,5 +33,5 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc takes process counts, e.g. --nproc 1 2; got {' '.join(args.nproc)}.") from None
     report = run(presets=_split(args.presets), nprocs=nprocs, steps=args.steps, warmup=args.warmup,
                  gpu_steps=args.gpu_steps, skip_gpu=args.skip_gpu)
-    print_json(report, args.output)
+    print(json_report(report, args.output))
     return 0

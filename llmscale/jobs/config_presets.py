@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    """The command takes no options."""
 
 
 def main(args: argparse.Namespace) -> int:
