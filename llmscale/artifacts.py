@@ -47,7 +47,8 @@ FINAL_WEIGHTS = "model.pt"
 
 __all__ = ["CHECKPOINTS", "CONFIG_FILE", "FINAL_DIR", "FINAL_WEIGHTS", "METRICS_FILE", "RUN_TOKENIZER", "TB_DIR",
            "TOKENIZER_META", "HFTokenizer", "LoadedModel", "TextTokenizer", "final_weights_path", "is_finished_run",
-           "load_model", "read_tokenizer_meta", "record_tokenizer", "save_final_weights", "write_final_weights"]
+           "load_model", "read_tokenizer_meta", "select_weights", "record_tokenizer", "save_final_weights",
+           "write_final_weights"]
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -205,6 +206,41 @@ def _load_final(run_dir: Path, device: str) -> LoadedModel:
     return LoadedModel(model=model, config=model.config, tokenizer=_tokenizer_of(tok_dir, None),
                        tokenizer_dir=tok_dir, kind="run", path=final_weights_path(run_dir), run_config=cfg,
                        classifier=getattr(model, "clf_config", None))
+
+
+WEIGHTS_CHOICES = ("auto", "best", "final", "latest")
+
+
+def select_weights(source: str | Path, which: str = "auto") -> Path:
+    """The folder to load for SOURCE when it is a run directory: ``best`` (the checkpoint named by
+    ``checkpoints/best.json``, a fine-tune run's best validation), ``final`` (``final/model.pt``: the run dir
+    itself), ``latest`` (the newest complete checkpoint), or ``auto`` (best if recorded, else final, else
+    latest). Any other source is returned as it is."""
+    from llmscale.checkpoint.store import read_best
+
+    if which not in WEIGHTS_CHOICES:
+        raise ExportError(f"weights {which!r} is unknown; choose one of {', '.join(WEIGHTS_CHOICES)}.")
+    p = Path(source)
+    if not (p.is_dir() and (p / CONFIG_FILE).is_file()):
+        return p
+    best = read_best(p) if which in ("auto", "best") else None
+    if best is not None:
+        ckpt = p / CHECKPOINTS / str(best["name"])
+        if resolve_checkpoint(ckpt) is None:
+            raise ExportError(f"{p}/{CHECKPOINTS}/best.json names {best['name']}, which is missing or incomplete: "
+                              f"evaluate checkpoint=final or checkpoint=latest instead.")
+        return ckpt
+    if which == "best":
+        raise ExportError(f"{p} records no best checkpoint (checkpoints/best.json is written by `llmscale finetune` "
+                          f"runs that validate): use checkpoint=final or checkpoint=latest.")
+    if which == "final" and not is_finished_run(p):
+        raise ExportError(f"{p} has no {FINAL_DIR}/{FINAL_WEIGHTS} (the run did not finish): use checkpoint=latest.")
+    if which == "latest":
+        ckpt = resolve_checkpoint(p)
+        if ckpt is None:
+            raise ExportError(f"{p} holds no complete checkpoint (`llmscale ckpt list {p}`).")
+        return ckpt
+    return p
 
 
 def load_model(source: str | Path, *, device: str = "cpu") -> LoadedModel:

@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("data", "verify"): "Check a dataset's shards against its manifest checksums.",
     ("train",): "Pretrain a GPT or BERT model from a YAML config on DeepSpeed.",
     ("finetune",): "Fine-tune (classify, sft, lm) from any checkpoint or model folder on DeepSpeed.",
+    ("eval",): "Evaluate any model: perplexity, bits/byte, MLM, classification, generation, lm-eval-harness.",
     ("generate",): "Generate text from a checkpoint or an exported model.",
     ("export",): "Write a checkpoint as a Hugging Face transformers folder.",
     ("import",): "Import a Hugging Face folder as an llmscale model.",

@@ -316,6 +316,20 @@ def bert_batch(
         ids[r, 2 + na + nb_] = spec.sep_id
         tti[r, 2 + na : 3 + na + nb_] = 1
         att[r, : 3 + na + nb_] = 1
+    ids, labels = mask_tokens(ids, att, spec, seed=seed, tag=tag, positions=positions)
+    out = {"input_ids": ids, "token_type_ids": tti, "attention_mask": att, "labels": labels}
+    if spec.nsp:
+        out["next_sentence_label"] = nsp_label
+    return out
+
+
+def mask_tokens(ids: np.ndarray, att: np.ndarray, spec: MaskSpec, *, seed: int, tag: int,
+                positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masking rule on (B, T) rows: each real, non-special token is selected with probability
+    ``spec.mlm_probability``; a selected one becomes [MASK] (80%), a random non-special token (10%) or stays
+    (10%). Returns (masked ids, labels: the original id where selected, -100 elsewhere). Row r's choices depend
+    only on (seed, tag, positions[r]), as in training (also used by the eval job's mlm task)."""
+    B, T = ids.shape
     u_select = uniforms(seed, tag, positions, T, 2)
     u_kind = uniforms(seed, tag, positions, T, 3)
     rand_tok = spec.random_low + (uniforms(seed, tag, positions, T, 4)
@@ -325,11 +339,7 @@ def bert_batch(
     labels = np.where(selected, ids, IGNORE)
     to_mask = selected & (u_kind < 0.8)
     to_rand = selected & (u_kind >= 0.8) & (u_kind < 0.9)
-    ids = np.where(to_mask, spec.mask_id, np.where(to_rand, rand_tok, ids))
-    out = {"input_ids": ids, "token_type_ids": tti, "attention_mask": att, "labels": labels}
-    if spec.nsp:
-        out["next_sentence_label"] = nsp_label
-    return out
+    return np.where(to_mask, spec.mask_id, np.where(to_rand, rand_tok, ids)), labels
 
 
 def ignore_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
