@@ -428,3 +428,36 @@ def test_two_processes_under_torchrun(gpt_folder, held_out, tmp_path):
     assert two["tokens"] == one["tokens"] and two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-6)
 
 
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_with_its_tree(name):
+    from llmscale.config import RunConfig, load_config, read_yaml
+    from llmscale.config_eval import EvalConfig
+    from llmscale.config_finetune import FinetuneConfig
+
+    path = ROOT / "configs" / name
+    raw = read_yaml(path)
+    tree = EvalConfig if "tasks" in raw else FinetuneConfig if "task" in raw else RunConfig
+    assert name.startswith("eval_") == (tree is EvalConfig)
+    load_config(tree, path, [])
+
+
+def test_eval_configs_name_data_that_exists(shared_data):
+    from llmscale.config import load_config
+    from llmscale.config_eval import EvalConfig
+
+    for path in sorted((ROOT / "configs").glob("eval_*.yaml")):
+        cfg = load_config(EvalConfig, path, [])
+        named = [*cfg.perplexity.files, *cfg.mlm.files, *cfg.classify.files, *cfg.generate.prompts]
+        for f in named:
+            assert (ROOT / f.split("::")[0]).exists(), f"{path.name} names {f}, which does not exist"
+        assert named or cfg.tasks == ["harness"], path.name
+
+
+def test_every_eval_field_is_documented():
+    from llmscale.config import describe
+    from llmscale.config_eval import EvalConfig
+
+    rows = describe(EvalConfig)
+    assert len(rows) > 40 and [key for key, _, _, text in rows if not text] == []

@@ -138,6 +138,15 @@ def test_bilstm_from_scratch_learns_and_best_survives_retention(tokenizer_dir, t
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert best["name"] in kept and "step-000048" in kept  # keep_last=1 keeps the newest, and the best
+    # `llmscale eval` of the run dir scores its best checkpoint by default, on 2 processes, with the same accuracy
+    # the fine-tune's own validation gave it (the same 61 examples)
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(json.dumps({"model": str(run), "tasks": ["classify"], "output_dir": str(tmp_path / "ev"),
+                              "classify": {"files": [str(task["val"])]}}), encoding="utf-8")
+    res = json.loads(run_cli(["eval", str(ev)], nproc=2).stdout.strip().splitlines()[-1])["tasks"]["classify"]
+    report = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert report["model"]["path"] == str(run / "checkpoints" / best["name"]) and report["world_size"] == 2
+    assert res["examples"] == 61 and res["accuracy"] == pytest.approx(summary["best_value"], abs=1e-12)
     # a BiLSTM has no transformers class: export writes an llmscale folder that reloads to the same predictions
     run_cli(["export", str(run), str(tmp_path / "exp")])
     assert not (tmp_path / "exp" / "config.json").exists()
