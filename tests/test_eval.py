@@ -430,6 +430,23 @@ def test_two_processes_under_torchrun(gpt_folder, held_out, tmp_path):
 
 
 
+@pytest.mark.slow
+def test_the_harness_task_of_the_eval_job_runs_offline_on_2_processes(gpt_folder, tmp_path):
+    """configs/eval_harness.yaml as shipped (the local multiple-choice task): every item scored, on rank 0, with the
+    numbers lm_eval reports; the other rank waits. Chance is 0.25 (4 choices)."""
+    pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness (pip install -e '.[harness]')")
+    out = tmp_path / "h"
+    line = run_cli(["eval", str(ROOT / "configs" / "eval_harness.yaml"), f"model={gpt_folder}", f"output_dir={out}"],
+                   nproc=2, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    res = json.loads(line)["tasks"]["harness"]
+    items = sum(1 for _ in open(ROOT / "configs" / "harness" / "llmscale_mc.jsonl", encoding="utf-8"))
+    report = json.loads((out / "results.json").read_text())
+    assert report["tasks"]["harness"]["results"]["llmscale_mc"]["acc"] == res["llmscale_mc/acc"]
+    assert 0.0 <= res["llmscale_mc/acc"] <= 1.0 and report["tasks"]["harness"]["n-samples"]["llmscale_mc"][
+        "effective"] == items == 40
+    assert "| llmscale_mc | acc |" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_with_its_tree(name):
     from llmscale.config import RunConfig, load_config, read_yaml

@@ -40,10 +40,18 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(EvalConfig, args.config, args.overrides)
     report = run(cfg)
     if report is not None:
-        print(json.dumps({"output_dir": cfg.output_dir, "tasks": {
-            k: {m: v for m, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for k, r in report["tasks"].items()}}, ensure_ascii=False))
+        print(json.dumps({"output_dir": cfg.output_dir, "tasks": {k: _numbers(r) for k, r in report["tasks"].items()}},
+                         ensure_ascii=False))
     return 0
+
+
+def _numbers(res: dict) -> dict:
+    """The plain numbers of a task's results (the harness's per task, as "task/metric")."""
+    out = {m: v for m, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for task, metrics in (res.get("results") or {}).items():
+        out.update({f"{task}/{m}": v for m, v in metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
 
 def _device(choice: str, local_rank: int) -> str:
