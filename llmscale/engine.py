@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmscale.checkpoint.safe_load import restrict_checkpoint_engine, restricted_torch_in
 from llmscale.errors import LayoutError, NonFiniteError
 from llmscale.log import get_logger
 from llmscale.optim import SkippableAdamW, StepControl, no_decay_names, param_groups
@@ -504,7 +505,9 @@ class Engine:
         tag_dir = Path(tag_dir)
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(tag_dir)!r} does not exist.")
-        with _deepspeed_loads_universal(self.ds, universal):
+        # universal loads read with a bare torch.load inside DeepSpeed: restricted there for this call only
+        scope = restricted_torch_in() if universal else contextlib.nullcontext()
+        with _deepspeed_loads_universal(self.ds, universal), scope:
             path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
@@ -651,6 +654,9 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan,
     mpu = topo.grid if (topo is not None and layout.pp == 1) else None
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu,
                                        dist_init_required=False)
+    # Checkpoint files are read through the restricted unpickler: DeepSpeed's extension point for checkpoint IO
+    # is its checkpoint engine (llmscale.checkpoint.safe_load; saving is unchanged).
+    restrict_checkpoint_engine(ds.checkpoint_engine)
     if ctl.manage:
         ctl.params = [p for p in ds.module.parameters() if p.requires_grad]
     if cfg.parallel.zero_stage == 0 and layout.dp == 1 and layout.pp == 1:

@@ -1,7 +1,7 @@
 """Layout-free weights from a training checkpoint of any layout, without starting DeepSpeed.
 
 * data parallel only (ZeRO 0-2): the full weights are DeepSpeed's ``model/mp_rank_00_model_states.pt``
-  ("module"), read with ``torch.load(weights_only=True)``;
+  ("module"), read with the restricted unpickler (:mod:`llmscale.checkpoint.safe_load`);
 * tensor/pipeline parallel or ZeRO-3: the checkpoint is converted to DeepSpeed's universal format (merged
   fp32 parameters, one folder per parameter) and the DeepSpeed names are mapped back to the single-device
   model's names with the map the engine stored in the checkpoint (``llmscale_param_names``).
@@ -26,7 +26,9 @@ log = get_logger(__name__)
 
 
 def _load_tensors(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from llmscale.checkpoint.safe_load import restricted_load
+
+    return restricted_load(path, map_location="cpu")
 
 
 def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:

@@ -7,11 +7,12 @@ the files (split between them), rank 0 gathers the lists, writes the manifest, r
 Storage: the checkpoint folder must be one that every rank sees (a shared filesystem, as DeepSpeed's own
 resharding needs too): ranks split the hashing of all files and rank 0 renames the folder.
 
-Safety: DeepSpeed loads its files with ``torch.load(weights_only=False)`` (deepspeed 0.19.8), i.e. pickle.
-So nothing is handed to DeepSpeed before every file of the checkpoint matched the manifest's checksums
-and no unlisted file sits beside them. llmscale's own state is JSON + safetensors (no pickle). (This stops
-damaged and planted files; someone able to rewrite the manifest too is not stopped: protect the run
-directory's permissions.)
+Safety: nothing is handed to DeepSpeed before every file of the checkpoint matched the manifest's checksums,
+no unlisted file sits beside them, and no pickle asks for a global outside the allowlist; DeepSpeed then
+reads its files through torch's restricted unpickler (:mod:`llmscale.checkpoint.safe_load`), so even a
+forged checkpoint with a rewritten manifest cannot run code. A damaged newest checkpoint is set aside and
+an older one resumed; a refused pickle stops the run instead (all ranks), the folder kept as it is.
+llmscale's own state is JSON + safetensors (no pickle).
 
     manager = CheckpointManager(cfg, world=world)
     manager.resume(engine, stateful)                 # newest complete checkpoint, or None for a fresh run
@@ -39,6 +40,7 @@ from typing import Any, Optional
 
 from llmscale import dist as ldist
 from llmscale.checkpoint import codec
+from llmscale.checkpoint.safe_load import REFUSED
 from llmscale.checkpoint.store import (
     BEST,
     CHECKPOINTS,
@@ -298,6 +300,9 @@ class CheckpointManager:
                     log.warning("resuming from %s, an OLDER checkpoint, because newer ones are damaged (see above)",
                                 info.name)
                 return info.path
+            refused = [p for p in problems if REFUSED in p]
+            if refused:  # not damage: a forged or foreign file. Stop (all ranks), keep it in place, say how to proceed
+                raise CheckpointError(f"{info.path} was not loaded: {refused[0]}")
             failures.append((info, problems))
             log.error("CHECKPOINT %s IS DAMAGED and will not be loaded:\n  %s", info.path, "\n  ".join(problems[:10]))
             if self.rank == 0:

@@ -156,7 +156,8 @@ def resolve_checkpoint(path: str | Path) -> Optional[Path]:
 
 def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems found in a checkpoint folder (empty list = good). Checks the manifest, that every listed
-    file exists with its size (and sha256 when ``checksums``), and that no unlisted file could be loaded.
+    file exists with its size (and sha256 when ``checksums``), that no unlisted file could be loaded, and that
+    no pickle asks for a global outside the allowlist (:func:`llmscale.checkpoint.safe_load.scan_checkpoint`).
     ``shard=(i, n)`` checks only every n-th file starting at i (ranks split the hashing)."""
     ckpt = Path(ckpt)
     try:
@@ -167,8 +168,13 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[
     def allowed(rel: str) -> bool:  # work folders of a running conversion, a universal folder not yet listed
         return rel.startswith(TMP_PREFIX) or (rel.startswith(UNIVERSAL_DIR + "/") and not m.get("universal"))
 
-    return verify_listed_files(ckpt, m["files"], checksums=checksums, shard=shard, allowed=allowed,
-                               manifest_name=MANIFEST)
+    problems = verify_listed_files(ckpt, m["files"], checksums=checksums, shard=shard, allowed=allowed,
+                                   manifest_name=MANIFEST)
+    if problems:
+        return problems
+    from llmscale.checkpoint.safe_load import scan_checkpoint  # the pickles: only allowlisted globals
+
+    return scan_checkpoint(ckpt, [rel for i, rel in enumerate(sorted(m["files"])) if i % shard[1] == shard[0]])
 
 
 def remove_folder(path: Path, trash_name: str) -> None:

@@ -62,7 +62,8 @@ def convert_to_universal(ckpt: str | Path, *, workers: int = 1) -> Path:
     tmp = ckpt / (TMP_PREFIX + UNIVERSAL_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / ENGINE_DIR),
+    # DeepSpeed's converter, in a process whose torch.load is restricted (llmscale.checkpoint.safe_load)
+    cmd = [sys.executable, "-m", "llmscale.checkpoint.convert_worker", "--input_folder", str(ckpt / ENGINE_DIR),
            "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     env = dict(os.environ)
     if not torch.cuda.is_available():
