@@ -15,7 +15,7 @@ from llmscale.config import RunConfig, load_config
 from llmscale.testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("finetune_"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith(("finetune_", "eval_")))
 FINETUNE_CONFIGS = sorted((ROOT / "configs").glob("finetune_*.yaml"))
 
 TRAIN_FIELDS = {
