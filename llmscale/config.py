@@ -259,6 +259,9 @@ class CheckpointConfig:
     keep_last: int = doc(3, "Keep the newest K complete checkpoints.")
     keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of M, forever (0 = off).")
     save_at_end: bool = doc(True, "Save when training finishes.")
+    async_: bool = doc(False, "Asynchronous save (YAML key `async`): snapshot to host memory at the step, write, hash "
+                              "and fsync in the background; manifest, rename and `latest` once every rank is done. "
+                              "Preemption and the end of training wait for it.")
 
     def validate(self) -> None:
         if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0:

@@ -490,13 +490,22 @@ class Engine:
             "llmscale_tp_kinds": dict(self.tp_kinds),
         }
 
-    def save(self, tag_dir: str | os.PathLike, client_state: dict) -> None:
+    def save(self, tag_dir: str | os.PathLike, client_state: dict, *, write_file: Optional[Any] = None) -> None:
         """DeepSpeed ``save_checkpoint`` into ``tag_dir`` (its parent is the save dir, its name the tag).
-        Every rank must call it. ``client_state`` gains ``universal_checkpoint_info``."""
+        Every rank must call it. ``client_state`` gains ``universal_checkpoint_info``. ``write_file(state_dict,
+        path)``, when given, receives each file DeepSpeed would ``torch.save`` instead (through its checkpoint
+        engine, DeepSpeed's extension point for checkpoint IO; an asynchronous save snapshots them)."""
         tag_dir = Path(tag_dir)
         state = dict(client_state)
         state["universal_checkpoint_info"] = self.universal_checkpoint_info()
-        self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=state, save_latest=False)
+        ce = self.ds.checkpoint_engine
+        if write_file is not None:
+            ce.save = write_file
+        try:
+            self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=state, save_latest=False)
+        finally:
+            if write_file is not None:
+                del ce.save  # back to the engine's own (class) method
 
     def load(self, tag_dir: str | os.PathLike, *, universal: bool = False) -> dict:
         """Restore model, optimizer and DeepSpeed counters from ``tag_dir``; returns the saved client state.

@@ -240,8 +240,10 @@ class Trainer:
                                     step, self.best.metric, self.best.best, self.best.best_step, self.best.bad_evals)
             stop = preemption.should_stop() if preemption is not None else False
             if self.checkpoints is not None:
+                self.checkpoints.poll()  # finishes a background save once every rank wrote it (checkpoint.async)
                 force = stop or early or (last and self.cfg.checkpoint.save_at_end)
-                self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=force)
+                # preemption, early stop and the end wait for the save (and for one still in flight)
+                self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=force, sync=stop or early or last)
             t_last = time.perf_counter()  # eval and checkpoint time is not step time
             if stop:
                 log.warning("stop requested: saved at step %d; re-run the same command to resume", step)
@@ -249,6 +251,8 @@ class Trainer:
                 break
             if early:
                 break
+        if self.checkpoints is not None:
+            self.checkpoints.wait()  # the end of training waits for the last write
         out = {**self.state.state_dict(), **self.last_eval, "stopped": stopped}
         if self.best is not None:
             out.update(best_metric=self.best.metric, best_value=self.best.best, best_step=self.best.best_step,

@@ -1,11 +1,8 @@
 """When and how a run saves and resumes: :class:`CheckpointManager`, collective on every rank.
 
-Saving writes everything under ``.tmp-step-000200``; after every rank is done (barrier) the ranks hash
-the files (split between them), rank 0 gathers the lists, writes the manifest, renames the folder to
-``step-000200`` and switches ``latest``. DeepSpeed's own ``latest`` file is never used (explicit tags).
-
-Storage: the checkpoint folder must be one that every rank sees (a shared filesystem, as DeepSpeed's own
-resharding needs too): ranks split the hashing of all files and rank 0 renames the folder.
+Saving writes everything under ``.tmp-step-000200``; once every rank is done the files are hashed, rank 0
+writes the manifest, renames the folder to ``step-000200`` and switches ``latest`` (DeepSpeed's own
+``latest`` is never used). The folder must be one every rank sees (a shared filesystem).
 
 Safety: nothing is handed to DeepSpeed before every file of the checkpoint matched the manifest's checksums,
 no unlisted file sits beside them, and no pickle asks for a global outside the allowlist; DeepSpeed then
@@ -17,19 +14,20 @@ llmscale's own state is JSON + safetensors (no pickle).
     manager = CheckpointManager(cfg, world=world)
     manager.resume(engine, stateful)                 # newest complete checkpoint, or None for a fresh run
     for step ...:
+        manager.poll()                               # finishes a background save (checkpoint.async)
         manager.maybe_save(step, engine, stateful)   # every N steps / T minutes (cfg.checkpoint)
+    manager.wait()
 
 ``engine`` is an :class:`llmscale.engine.Engine` (its ``layout``, ``param_names``, ``save`` and
 ``load(universal=)``); ``stateful`` maps names to objects with ``state_dict()`` / ``load_state_dict()``.
 
-Test hook: ``LLMSCALE_TEST_CRASH_AT=PHASE:STEP[:RANK]`` makes the process ``os._exit(137)`` inside the
-save of STEP at PHASE (state, engine, hashed, manifest, rename, latest, retention), to test that a
-crash at any point leaves a resumable run directory.
+``checkpoint.async``: the shards are snapshot to host memory and written in the background
+(:mod:`llmscale.checkpoint.async_save`); :meth:`CheckpointManager.poll` at each step boundary finishes the save
+(manifest, rename, ``latest``) once every rank's writer is done. Crash points for tests: store.crash_point.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import shutil
@@ -46,16 +44,16 @@ from llmscale.checkpoint.store import (
     CHECKPOINTS,
     CONFIG_FILE,
     ENGINE_DIR,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     LATEST,
     MANIFEST,
     STATE_DIR,
     TMP_PREFIX,
     TRASH_PREFIX,
     CheckpointInfo,
+    build_manifest,
     children,
     clean_stale,
+    crash_point,
     latest_complete,
     layout_dict,
     list_checkpoints,
@@ -75,16 +73,6 @@ from llmscale.log import get_logger
 
 log = get_logger(__name__)
 
-_CRASH_ENV = "LLMSCALE_TEST_CRASH_AT"
-
-
-def _ds_version() -> Optional[str]:
-    try:
-        import deepspeed
-
-        return deepspeed.__version__
-    except Exception:  # noqa: BLE001 - informational only
-        return None
 
 
 class CheckpointManager:
@@ -111,6 +99,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self.last_saved_step: Optional[int] = None
         self.loaded: Optional[Path] = None
+        self._pending: Optional[tuple[Any, dict]] = None  # (AsyncWriter, save info) of a save in flight
 
     def _run_tokenizer_hash(self) -> Optional[str]:
         from llmscale.artifacts import RUN_TOKENIZER, TOKENIZER_META
@@ -121,17 +110,7 @@ class CheckpointManager:
             return None
 
     def _crash_point(self, phase: str, step: int) -> None:
-        """Test hook: die like a SIGKILL at a named point of a save (see module doc)."""
-        spec = os.environ.get(_CRASH_ENV)
-        if not spec:
-            return
-        parts = spec.split(":")
-        if parts[0] != phase or int(parts[1]) != step:
-            return
-        if len(parts) > 2 and int(parts[2]) != self.rank:
-            return
-        log.error("%s=%s: crashing now (test hook)", _CRASH_ENV, spec)
-        os._exit(137)
+        crash_point(phase, step, self.rank)
 
     # ---------------------------------------------------------------- save
     def should_save(self, step: int, *, force: bool = False) -> bool:
@@ -143,23 +122,32 @@ class CheckpointManager:
             due = ldist.any_rank(due or (late and self.rank == 0))
         return due
 
-    def maybe_save(self, step: int, engine: Any, stateful: dict[str, Any], force: bool = False) -> Optional[Path]:
-        """Save if ``step`` is due (every_steps / every_minutes) or ``force``; returns the checkpoint or None."""
+    def maybe_save(self, step: int, engine: Any, stateful: dict[str, Any], force: bool = False,
+                   sync: bool = False) -> Optional[Path]:
+        """Save if ``step`` is due (every_steps / every_minutes) or ``force``; returns the checkpoint or None.
+        ``sync``: finish before returning even with checkpoint.async (preemption, the end of training)."""
         if not self.should_save(step, force=force):
             return None
+        if self._pending is not None and self._pending[1]["step"] == step:  # this step's save is in flight
+            if sync:
+                self.wait()
+            return self.dir / step_name(step)
         if self.last_saved_step == step and (self.dir / step_name(step)).is_dir():
             return self.dir / step_name(step)
-        return self.save(step, engine, stateful)
+        return self.save(step, engine, stateful, sync=sync)
 
-    def save(self, step: int, engine: Any, stateful: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically (collective). Returns RUN_DIR/checkpoints/step-NNNNNN."""
+    def save(self, step: int, engine: Any, stateful: dict[str, Any], *, sync: bool = False) -> Path:
+        """Write checkpoint ``step`` atomically (collective). Returns RUN_DIR/checkpoints/step-NNNNNN. With
+        ``checkpoint.async`` (and not ``sync``) the folder is complete only once :meth:`poll` / :meth:`wait`
+        finish it; a save still in flight is finished first."""
+        from llmscale.checkpoint.async_save import AsyncWriter
         from llmscale.rng import save_rng_state
 
+        self.wait()
         t0 = time.perf_counter()
-        rank, world = self.rank, self.world_size
+        rank = self.rank
         name = step_name(step)
-        tmp = self.dir / (TMP_PREFIX + name)
-        final = self.dir / name
+        tmp, final = self.dir / (TMP_PREFIX + name), self.dir / name
         err: Optional[BaseException] = None
         if rank == 0:
             try:
@@ -170,6 +158,8 @@ class CheckpointManager:
                 err = e
         if ldist.any_rank(err is not None):
             err = err or CheckpointError(f"rank 0 could not create {tmp}")
+        writer = (AsyncWriter(root=tmp, step=step, rank=rank, crash=lambda phase: self._crash_point(phase, step))
+                  if self.ckpt_cfg.async_ and not sync else None)
         states: dict[str, Any] = {}
         try:
             if err is not None:
@@ -179,8 +169,8 @@ class CheckpointManager:
             codec.save_state_files(tmp / STATE_DIR / f"rank-{rank:05d}", states)
             save_rng_state(tmp / STATE_DIR / f"rng-rank-{rank:05d}")
             self._crash_point("state", step)
-            # 2. DeepSpeed's shards (every rank writes its own)
-            engine.save(tmp / ENGINE_DIR, {"llmscale_step": step})
+            # 2. DeepSpeed's shards (every rank writes its own; async: snapshot to host memory, written later)
+            engine.save(tmp / ENGINE_DIR, {"llmscale_step": step}, write_file=writer.capture if writer else None)
             if rank == 0 and self.cfg is not None and dataclasses.is_dataclass(self.cfg):
                 from llmscale.config import save_resolved
 
@@ -188,10 +178,29 @@ class CheckpointManager:
             self._crash_point("engine", step)
         except BaseException as e:  # noqa: BLE001 - every rank must reach the agreement below
             err = e
-        failed = ldist.all_gather_object(None if err is None else f"rank {rank}: {type(err).__name__}: {err}")
-        bad = [f for f in failed if f]
+        self._agree(name, tmp, None if err is None else f"rank {rank}: {type(err).__name__}: {err}", err)
+        info = {"step": step, "name": name, "tmp": tmp, "final": final, "t0": t0, "states": states,
+                "stateful": sorted(stateful), "layout": layout_dict(engine.layout), "param_names": engine.param_names}
+        if writer is not None:
+            writer.start()
+            self._pending = (writer, info)
+            sizes = ldist.all_gather_object(writer.snapshot_bytes)
+            log.info("checkpoint %s: training resumes after %.2fs; %.1f MB host-memory snapshot (largest rank %.1f MB) "
+                     "written in the background", name, time.perf_counter() - t0, sum(sizes) / 1e6, max(sizes) / 1e6)
+            return final
+        ldist.barrier()  # every rank's files are on disk
+        # 3. hash + fsync, split over ranks; rank 0 writes the manifest last
+        rels = relative_files(tmp)
+        mine = hash_files(tmp, [r for i, r in enumerate(rels) if i % self.world_size == rank], fsync=True)
+        self._crash_point("hashed", step)
+        self._commit(info, ldist.all_gather_object(mine))
+        return final
+
+    def _agree(self, name: str, tmp: Path, failure: Optional[str], err: Optional[BaseException]) -> None:
+        """Every rank learns every rank's failure of this save; on any, the folder goes and all ranks raise."""
+        bad = [f for f in ldist.all_gather_object(failure) if f]
         if bad:
-            if rank == 0:
+            if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             prev = latest_complete(self.dir)
             raise CheckpointError(
@@ -199,35 +208,41 @@ class CheckpointManager:
                 f"{' (' + str(prev.path) + ')' if prev else ''}. "
                 f"Free disk space in {self.dir} (or fix the error above) and re-run the same command to resume."
             ) from err
-        ldist.barrier()  # every rank's files are on disk
-        # 3. hash + fsync, split over ranks; rank 0 writes the manifest last
-        rels = relative_files(tmp)
-        mine = hash_files(tmp, [r for i, r in enumerate(rels) if i % world == rank], fsync=True)
-        self._crash_point("hashed", step)
-        parts = ldist.all_gather_object(mine)
+
+    def poll(self) -> None:
+        """At a step boundary (collective, cheap): finish a background save once every rank's writer is done; a
+        failed write raises CheckpointError on every rank."""
+        if self._pending is not None and not ldist.any_rank(not self._pending[0].done()):
+            self._finish()
+
+    def wait(self) -> None:
+        """Block until a background save (if any) is written, then finish it (collective)."""
+        if self._pending is not None:
+            self._pending[0].join()
+            self._finish()
+
+    def _finish(self) -> None:
+        (writer, info), self._pending = self._pending, None
+        e = writer.error
+        self._agree(info["name"], info["tmp"], None if e is None else f"rank {self.rank}: background write: "
+                    f"{type(e).__name__}: {e}", e)
+        parts = ldist.all_gather_object(writer.hashes)
+        if self.rank == 0:  # the small files written at the step boundary (state, RNG, config, DeepSpeed's scripts)
+            done = {k for p in parts for k in p}
+            parts.append(hash_files(info["tmp"], [r for r in relative_files(info["tmp"]) if r not in done], fsync=True))
+        self._commit(info, parts)
+
+    def _commit(self, info: dict, parts: list[dict]) -> None:
+        """Rank 0: manifest (last), rename, ``latest``, retention; then every rank moves on (collective)."""
+        step, name, tmp, final = info["step"], info["name"], info["tmp"], info["final"]
         files: dict[str, dict] = {}
-        if rank == 0:
+        if self.rank == 0:
             for p in parts:
                 files.update(p)
-            manifest = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "name": name,
-                "step": step,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "layout": layout_dict(engine.layout),
-                "world_size": world,
-                "engine_dir": ENGINE_DIR,
-                "universal": None,
-                "tokenizer_hash": self.tokenizer_hash,
-                "stateful": sorted(stateful),
-                # DeepSpeed parameter name -> single-device name (pipeline stages rename parameters)
-                "param_names": engine.param_names,
-                "state_summary": codec.summary(states),  # for `ckpt list`; tensors stay in state/
-                "versions": {"torch": _torch_version(), "deepspeed": _ds_version()},
-                "total_bytes": sum(v["size"] for v in files.values()),
-                "files": files,
-            }
+            manifest = build_manifest(
+                name=name, step=step, layout=info["layout"], world_size=self.world_size,
+                tokenizer_hash=self.tokenizer_hash, stateful=info["stateful"], param_names=info["param_names"],
+                state_summary=codec.summary(info["states"]), files=files)
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             self._crash_point("manifest", step)
             if final.exists():  # e.g. a damaged folder of the same step left from earlier: drop it
@@ -241,12 +256,8 @@ class CheckpointManager:
         ldist.barrier()
         self._last_save_time = time.monotonic()
         self.last_saved_step = step
-        if rank == 0:
-            total = sum(v["size"] for v in files.values())
-            dt = time.perf_counter() - t0
-            log.info("checkpoint %s saved: %.1f MB in %.2fs (%.2f GB/s)", name, total / 1e6, dt,
-                     total / 1e9 / max(dt, 1e-9))
-        return final
+        total, dt = sum(v["size"] for v in files.values()), time.perf_counter() - info["t0"]
+        log.info("checkpoint %s saved: %.1f MB in %.2fs (%.2f GB/s)", name, total / 1e6, dt, total / 1e9 / (dt or 1))
 
     def _apply_retention(self, step: int) -> None:
         """Keep the newest ``keep_last`` complete checkpoints and every ``keep_every``-th; never the newest."""
@@ -261,6 +272,7 @@ class CheckpointManager:
     def mark_best(self, step: int, *, metric: str, value: float) -> None:
         """Record checkpoint ``step`` (already saved) as the best so far: RUN_DIR/checkpoints/best.json, written
         atomically by rank 0; retention never removes it. Collective."""
+        self.wait()
         if self.rank == 0:
             name = step_name(step)
             atomic_write_text(self.dir / BEST, json.dumps({"step": step, "name": name, "metric": metric,
@@ -394,6 +406,7 @@ class CheckpointManager:
         """After repeated non-finite steps: reload the newest complete checkpoint into ``engine`` and
         ``stateful`` except ``keep`` (default the loader, which has already moved past the offending batches,
         so they are skipped). Returns the step rolled back to. Collective."""
+        self.wait()
         path = self.find_resumable()
         if path is None:
             raise CheckpointError(
@@ -405,8 +418,3 @@ class CheckpointManager:
                     path.name, step)
         return step
 
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__

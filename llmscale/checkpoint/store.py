@@ -89,6 +89,48 @@ def checkpoints_dir(run_or_ckpt_dir: str | Path) -> Path:
     return p / CHECKPOINTS
 
 
+CRASH_ENV = "LLMSCALE_TEST_CRASH_AT"
+
+
+def crash_point(phase: str, step: int, rank: int) -> None:
+    """Test hook: ``LLMSCALE_TEST_CRASH_AT=PHASE:STEP[:RANK]`` makes the process ``os._exit(137)`` (like a
+    SIGKILL) at that named point of a save (see :mod:`llmscale.checkpoint.manager`)."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != phase or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+        return
+    log.error("%s=%s: crashing now (test hook)", CRASH_ENV, spec)
+    os._exit(137)
+
+
+def build_manifest(*, name: str, step: int, layout: dict, world_size: int, tokenizer_hash: Optional[str],
+                   stateful: list[str], param_names: dict[str, str], state_summary: dict,
+                   files: dict[str, dict]) -> dict:
+    """The manifest of a checkpoint whose files (``{relative path: {"size", "sha256"}}``) are all written."""
+    import datetime
+
+    try:
+        import deepspeed
+
+        ds_version: Optional[str] = deepspeed.__version__
+    except Exception:  # noqa: BLE001 - informational only
+        ds_version = None
+    import torch
+
+    return {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "name": name, "step": step,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "layout": layout, "world_size": world_size, "engine_dir": ENGINE_DIR, "universal": None,
+        "tokenizer_hash": tokenizer_hash, "stateful": stateful,
+        "param_names": param_names,  # DeepSpeed parameter name -> single-device name (pipeline stages rename them)
+        "state_summary": state_summary,  # for `ckpt list`; tensors stay in state/
+        "versions": {"torch": torch.__version__, "deepspeed": ds_version},
+        "total_bytes": sum(v["size"] for v in files.values()), "files": files,
+    }
+
+
 def read_manifest(ckpt: str | Path) -> dict:
     p = Path(ckpt) / MANIFEST
     try:
