@@ -200,3 +200,22 @@ def test_the_allowlist_is_what_every_layout_saves_and_no_more(tiny_gpt_dataset, 
     everything = set().union(*used.values())
     assert everything <= set(ALLOWED_GLOBALS), {k: v - set(ALLOWED_GLOBALS) for k, v in used.items()}
     assert set(ALLOWED_GLOBALS) - everything == {"deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"}, used
+
+
+def test_deepspeeds_universal_loaders_see_a_restricted_torch_load_only_during_the_scope(tmp_path):
+    """Engine.load(universal=True) wraps DeepSpeed's load in restricted_torch_in(): inside, the bare torch.load of
+    DeepSpeed's universal loaders refuses a forged file; outside, those modules see torch itself again."""
+    import importlib
+
+    from llmscale.checkpoint.safe_load import UNIVERSAL_LOADERS, restricted_torch_in
+    from llmscale.errors import CheckpointError
+
+    forged, marker = tmp_path / "fp32.pt", tmp_path / "PWNED"
+    torch.save(_Plant(str(marker)), forged)
+    mods = [importlib.import_module(m) for m in UNIVERSAL_LOADERS]
+    with restricted_torch_in():
+        for mod in mods:
+            assert mod.torch.zeros(2).sum() == 0  # everything else is torch's
+            with pytest.raises(CheckpointError, match="posix.system"):
+                mod.torch.load(forged, weights_only=False)  # what DeepSpeed's code asks for
+    assert all(mod.torch is torch for mod in mods) and not marker.exists()
