@@ -262,6 +262,9 @@ class CheckpointConfig:
     async_: bool = doc(False, "Asynchronous save (YAML key `async`): snapshot to host memory at the step, write, hash "
                               "and fsync in the background; manifest, rename and `latest` once every rank is done. "
                               "Preemption and the end of training wait for it.")
+    async_failure: Literal["stop", "sync"] = doc(
+        "stop", "A failed background write (reported on every rank at the next step): stop the run, or save that step "
+                "again synchronously and go on.")
 
     def validate(self) -> None:
         if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0:

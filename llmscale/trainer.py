@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from llmscale.errors import CheckpointError
 from llmscale.evaluate import lm_validation
 from llmscale.log import get_logger
 from llmscale.metrics import MetricsLogger, device_peak_flops, memory_stats
@@ -240,7 +241,13 @@ class Trainer:
                                     step, self.best.metric, self.best.best, self.best.best_step, self.best.bad_evals)
             stop = preemption.should_stop() if preemption is not None else False
             if self.checkpoints is not None:
-                self.checkpoints.poll()  # finishes a background save once every rank wrote it (checkpoint.async)
+                try:
+                    self.checkpoints.poll()  # finishes a background save once every rank wrote it (checkpoint.async)
+                except CheckpointError as e:
+                    if self.cfg.checkpoint.async_failure != "sync":
+                        raise
+                    log.error("%s\ncheckpoint.async_failure=sync: saving step %d synchronously instead", e, step)
+                    self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=True, sync=True)
                 force = stop or early or (last and self.cfg.checkpoint.save_at_end)
                 # preemption, early stop and the end wait for the save (and for one still in flight)
                 self.checkpoints.maybe_save(step, self.engine, self.stateful(), force=force, sync=stop or early or last)

@@ -144,3 +144,15 @@ def test_a_snapshot_that_would_not_fit_is_written_synchronously(tmp_path, monkey
     w.join()
     assert w.error is None and set(w.hashes) == {"a.pt", "b.pt"} and w.snapshot_bytes == 40
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["small"], torch.zeros(10))
+
+
+def test_async_failure_sync_saves_the_step_again_and_goes_on(tiny_gpt_dataset, tmp_path):
+    ref = tmp_path / "ref"
+    run_cli(_args(tiny_gpt_dataset, ref, 6), nproc=2)
+    run = tmp_path / "run"
+    proc = run_cli(_args(tiny_gpt_dataset, run, 6, **{"checkpoint.async": "true", "checkpoint.async_failure": "sync"}),
+                   nproc=2, env={"LLMSCALE_TEST_ASYNC_FAIL": "4:1"})
+    assert "saving checkpoint step-000004 failed" in proc.stderr and "saving step 5 synchronously" in proc.stderr
+    assert [i.step for i in list_checkpoints(run)] == [2, 5, 6] and read_latest(run) == "step-000006"
+    assert all(verify_checkpoint(i.path) == [] for i in list_checkpoints(run))
+    _same(_weights(ref), _weights(run))  # the failed write changed nothing in training
