@@ -233,6 +233,11 @@ def _local_rank_main(rank: int, world_size: int, port: int, fn: Callable, args: 
                 pass
 
 
+# the environment of a spawned CPU rank in the benchmarks: DeepSpeed's CPU accelerator, one thread each (the ranks
+# share the machine's cores)
+CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_local_ranks(
     fn: Callable,
     world_size: int,

@@ -130,7 +130,7 @@ def file_records(paths: list[str]) -> list[dict[str, Any]]:
     its sorted file list with each file's hash)."""
     import hashlib
 
-    from llmscale.files import sha256_file
+    from llmscale.files import hash_files, relative_files, sha256_file
 
     out = []
     for raw in paths:
@@ -138,10 +138,9 @@ def file_records(paths: list[str]) -> list[dict[str, Any]]:
         if base.is_file():
             out.append({"path": str(raw), "sha256": sha256_file(base)})
         elif base.is_dir():
-            h = hashlib.sha256()
-            for f in sorted(q for q in base.rglob("*") if q.is_file()):
-                h.update(f"{f.relative_to(base)}\0{sha256_file(f)}\n".encode())
-            out.append({"path": str(raw), "sha256": h.hexdigest(), "hash_of": "sorted files and their sha256"})
+            listing = hash_files(base, relative_files(base))
+            digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in listing.items()}, sort_keys=True).encode())
+            out.append({"path": str(raw), "sha256": digest.hexdigest(), "hash_of": "sorted files and their sha256"})
         else:
             out.append({"path": str(raw), "sha256": None})
     return out

@@ -33,7 +33,6 @@ from llmscale.log import get_logger
 log = get_logger(__name__)
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "tinyshakespeare.txt"
-_CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _worker(rank: int, world_size: int, cfg_dict: dict, held_out: list[int], steps: int, warmup: int) -> dict:
@@ -102,7 +101,7 @@ def run(*, nprocs: list[int], steps: int = 20, warmup: int = 3, micro_batch_size
 
     from llmscale.data.prepare import prepare_dataset
     from llmscale.data.tokenizer import Tokenizer
-    from llmscale.dist import run_local_ranks
+    from llmscale.dist import CPU_RANK_ENV, run_local_ranks
 
     if steps < 1 or warmup < 1:
         raise ValueError("steps and warmup must be >= 1.")
@@ -129,7 +128,7 @@ def run(*, nprocs: list[int], steps: int = 20, warmup: int = 3, micro_batch_size
                    "parallel": {"zero_stage": 0, "micro_batch_size": micro_batch_size,
                                 "global_batch_size": micro_batch_size * n},
                    "train": {"steps": 1000, "tensorboard": False}}
-            per_rank = run_local_ranks(_worker, n, args=(cfg, held_out, steps, warmup), env=_CPU_RANK_ENV,
+            per_rank = run_local_ranks(_worker, n, args=(cfg, held_out, steps, warmup), env=CPU_RANK_ENV,
                                        timeout=1800)
             train_tokens = [float(micro_batch_size * seq_len * n)] * steps
             eval_tokens = [float(sum(r["eval_targets"][j] for r in per_rank)) for j in range(steps)]

@@ -53,8 +53,6 @@ SFT_CORPUS = CORPUS_DIR / "shakespeare_dialogue_train.jsonl"
 BERT_PRESET, GPT_PRESET = "bert-tiny-cpu", "gpt-tiny"
 TIMING_KEYS = ("data", "forward", "backward", "optimizer", "comm")
 COUNT_KEYS = ("examples", "real_tokens", "padded_tokens", "targets")
-# each spawned CPU rank: DeepSpeed's CPU accelerator and one thread (the ranks share the machine's cores)
-_CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 PACKING_KEYS = ("position_ids", "doc_ids")
 
 
@@ -383,13 +381,13 @@ def _ratio(finetune: dict, pretrain: dict, *, target: float) -> dict:
 
 def run_cpu(prep: dict, *, nprocs: list[int], steps: int, warmup: int, seq_len: int, max_len: int, mbs: int,
             target: float) -> dict:
-    from llmscale.dist import run_local_ranks
+    from llmscale.dist import CPU_RANK_ENV, run_local_ranks
 
     no_packing = packing_support()
     runs, ratios = [], []
     for n in nprocs:
         groups = _groups(prep, world_size=n, seq_len=seq_len, max_len=max_len, mbs=mbs, packing=no_packing is None)
-        res = run_local_ranks(_worker, n, args=(groups, steps, warmup), timeout=1800, env=_CPU_RANK_ENV)
+        res = run_local_ranks(_worker, n, args=(groups, steps, warmup), timeout=1800, env=CPU_RANK_ENV)
         for gi, group in enumerate(groups):
             per_rank = [r[gi] for r in res]
             pre = _pretrain_entry(_aggregate([r["pretrain"] for r in per_rank]),

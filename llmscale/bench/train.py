@@ -98,8 +98,6 @@ def _loader(cfg, engine, plan):
                         vocab_size=cfg.model.vocab_size)
 
 
-# each spawned CPU rank: DeepSpeed's CPU accelerator and one thread (the ranks share the machine's cores)
-_CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _plain_step(model, opt, micro_batches: list[dict], *, clip: float, lr: float) -> float:
@@ -234,7 +232,7 @@ def _prepare_data(root: Path) -> dict[str, str]:
 
 
 def run_cpu(*, presets: list[str], nprocs: list[int], steps: int, warmup: int, data: dict[str, str]) -> dict:
-    from llmscale.dist import run_local_ranks
+    from llmscale.dist import CPU_RANK_ENV, run_local_ranks
 
     runs, versus = [], []
     for preset in presets:
@@ -244,7 +242,7 @@ def run_cpu(*, presets: list[str], nprocs: list[int], steps: int, warmup: int, d
         for n in nprocs:
             cfg = _run_config(preset, fmt, T, mbs, mbs * n, data[fmt])
             t0 = time.time()
-            res = run_local_ranks(_cpu_worker, n, args=(cfg, steps, warmup, n == 1), timeout=1200, env=_CPU_RANK_ENV)
+            res = run_local_ranks(_cpu_worker, n, args=(cfg, steps, warmup, n == 1), timeout=1200, env=CPU_RANK_ENV)
             r0 = res[0]
             step = max(r["step_time_s"]["median"] for r in res)  # ranks wait for each other each step
             entry = {

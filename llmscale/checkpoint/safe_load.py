@@ -44,7 +44,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmscale.errors import CheckpointError
+
+_TORCH_LOAD = torch.load  # the real one, kept before restrict_process() replaces it in a conversion process
 
 TRUST_ENV = "LLMSCALE_TRUST_PICKLE"
 REFUSED = "asks the unpickler for"  # in every refusal message (the manager stops instead of falling back)
@@ -123,35 +127,18 @@ def restricted_load(path: str | os.PathLike, map_location: Any = None, **kwargs:
     """``torch.load`` with the restricted unpickler and :data:`ALLOWED_GLOBALS` (full pickle when
     :func:`trusted`). A file that asks for anything else raises :class:`CheckpointError` naming the global and
     the file."""
-    import torch
-
-    _init_original()
     kwargs.pop("weights_only", None)
     if trusted():
-        return _ORIGINAL_LOAD[0](path, map_location=map_location, weights_only=False, **kwargs)
+        return _TORCH_LOAD(path, map_location=map_location, weights_only=False, **kwargs)
     with torch.serialization.safe_globals(allowed_objects()):
         try:
-            return _ORIGINAL_LOAD[0](path, map_location=map_location, weights_only=True, **kwargs)
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
         except pickle.UnpicklingError as e:
             m = _GLOBAL_IN_ERROR.search(str(e))
             what = m.group(1) if m else str(e).splitlines()[0][:200]
             raise CheckpointError(f"{path} {REFUSED} {what}, outside the allowlist of what llmscale's "
                                   f"checkpoints need (llmscale.checkpoint.safe_load): refused, nothing was run. "
                                   f"{_fix(Path(path))}") from None
-
-
-def _original_torch_load():
-    import torch
-
-    return torch.load
-
-
-_ORIGINAL_LOAD: list[Any] = []
-
-
-def _init_original() -> None:
-    if not _ORIGINAL_LOAD:
-        _ORIGINAL_LOAD.append(_original_torch_load())
 
 
 class _RestrictedTorch:
@@ -168,7 +155,6 @@ class _RestrictedTorch:
 def restricted_torch_in(module_names: Sequence[str] = UNIVERSAL_LOADERS) -> Iterator[None]:
     """For the duration, the named modules' global ``torch`` is a view whose ``load`` is :func:`restricted_load`
     (the modules are imported if needed; nothing else in the process changes)."""
-    _init_original()
     swapped = []
     try:
         for name in module_names:
@@ -187,15 +173,11 @@ def restricted_torch_in(module_names: Sequence[str] = UNIVERSAL_LOADERS) -> Iter
 def restrict_checkpoint_engine(checkpoint_engine: Any) -> None:
     """DeepSpeed's checkpoint engine (its extension point for reading and writing checkpoint files) loads through
     :func:`restricted_load` from now on; saving is unchanged."""
-    _init_original()
     checkpoint_engine.load = lambda path, map_location=None: restricted_load(path, map_location=map_location)
 
 
 def restrict_process() -> None:
     """``torch.load`` restricted for this whole process (and processes it forks): only for a process that exists
     to run DeepSpeed's conversion (:mod:`llmscale.checkpoint.convert_worker`)."""
-    import torch
-
-    _init_original()
     torch.load = restricted_load
 
