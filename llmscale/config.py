@@ -62,6 +62,12 @@ class DataConfig:
     mlm_probability: float = doc(0.15, "BERT: fraction of tokens selected for masking (80/10/10 rule).")
     nsp: bool = doc(False, "BERT: also build next-sentence-prediction pairs and labels.")
     seed: int = doc(1234, "Seed of the global sample order and of masking.")
+    window_offsets: Literal["fixed", "epoch", "window"] = doc(
+        "epoch", "GPT training windows: window j starts at j*seq_len + an offset in [0, seq_len). epoch: one random "
+                 "offset per epoch and dataset (every token a target once per epoch but that epoch's first offset); "
+                 "window: a random offset per window and epoch, as random-offset samplers (nanoGPT's) draw them "
+                 "(tokens covered once per epoch on average: about 1/6 twice, 1/6 not); fixed: offset 0. A pure "
+                 "function of the seed and the stream position. Validation is always fixed.")
     num_workers: int = doc(0, "Background batch-preparation threads per rank (0 = in the main thread).")
 
     def validate(self) -> None:
@@ -152,7 +158,9 @@ class OptimConfig:
 
     lr: float = doc(3e-4, "Peak learning rate.")
     min_lr: float = doc(3e-5, "Learning rate at the end of the decay.")
-    weight_decay: float = doc(0.1, "Decoupled weight decay (never applied to norms, biases and embeddings).")
+    weight_decay: float = doc(0.1, "Decoupled weight decay (never applied to norms and biases; to embeddings only "
+                                   "with decay_embeddings).")
+    decay_embeddings: bool = doc(False, "Also decay embedding matrices (and a head tied to one), as nanoGPT does.")
     beta1: float = doc(0.9, "AdamW beta1.")
     beta2: float = doc(0.95, "AdamW beta2.")
     eps: float = doc(1e-8, "AdamW epsilon.")

@@ -627,9 +627,10 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan,
     topo = Topology(layout) if (layout.tp > 1 or layout.pp > 1) else None
     kinds = apply_tensor_parallel(model, rank=layout.tp_rank, size=layout.tp,
                                   group=topo.tp_group if topo is not None else None)
-    # no decay: norms, biases, embeddings (decided on the single-device model, by single-device name)
+    # no decay: norms, biases, embeddings unless optim.decay_embeddings (decided on the single-device model, by
+    # single-device name)
 
-    no_decay = no_decay_names(model)
+    no_decay = no_decay_names(model, decay_embeddings=cfg.optim.decay_embeddings)
     pipe_loss = None
     if layout.pp > 1:
         from deepspeed.pipe import PipelineModule

@@ -1,9 +1,9 @@
 """AdamW parameter groups and the learning-rate schedule.
 
-Weight decay is decoupled (AdamW) and never applied to norms, biases and embeddings: decaying a
-LayerNorm gain pulls it towards 0 rather than 1, and embedding rows that are rarely seen would shrink
-between their updates. The decision is made by module type on the single-device model, so it is the
-same in every parallel layout (see :func:`no_decay_names`).
+Weight decay is decoupled (AdamW) and never applied to norms and biases (decaying a LayerNorm gain pulls it
+towards 0 rather than 1), nor by default to embeddings (rows that are rarely seen would shrink between their
+updates; ``optim.decay_embeddings: true`` decays them as nanoGPT does). The decision is made by module type
+on the single-device model, so it is the same in every parallel layout (see :func:`no_decay_names`).
 
 Also here: step control — :class:`SkippableAdamW`, torch's AdamW that can skip an update on every rank
 at once (non-finite loss or gradients) and, for ZeRO-0 in fp32, computes the global gradient norm and
@@ -28,18 +28,20 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, _NORMS) or "norm" in type(m).__name__.lower()
 
 
-def no_decay_names(model: nn.Module) -> set[str]:
+def no_decay_names(model: nn.Module, *, decay_embeddings: bool = False) -> set[str]:
     """Names (as in ``model.named_parameters(remove_duplicate=False)``) that get no weight decay: every
     parameter of an embedding or normalisation module, every bias, and any parameter with fewer than 2
-    dimensions. A weight tied to an embedding (the output head) is an embedding."""
+    dimensions. A weight tied to an embedding (the output head) is an embedding. ``decay_embeddings``
+    (``optim.decay_embeddings``) decays embeddings too, as nanoGPT and GPT-2's code decay every matrix."""
     out: set[str] = set()
     embedding_ids: set[int] = set()
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(mod, nn.Embedding) or _is_norm(mod) or p_name == "bias" or p.ndim < 2:
+            embed = isinstance(mod, nn.Embedding) and not decay_embeddings
+            if embed or _is_norm(mod) or p_name == "bias" or p.ndim < 2:
                 out.add(full)
-            if isinstance(mod, nn.Embedding):
+            if embed:
                 embedding_ids.add(id(p))
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in embedding_ids:

@@ -131,10 +131,11 @@ def test_ranks_concatenate_to_the_world_size_1_sequence(gpt_ds):
 # --------------------------------------------------------------------------- coverage
 
 
-def test_gpt_every_token_exactly_once_per_epoch(gpt_ds):
+@pytest.mark.parametrize("offsets", ["fixed", "epoch"])
+def test_gpt_every_token_exactly_once_per_epoch(gpt_ds, offsets):
     root, info = gpt_ds
     T = 16
-    ld = loader(root, seq_len=T, gbs=8, mbs=4)
+    ld = loader(root, seq_len=T, gbs=8, mbs=4, window_offsets=offsets)
     S = ld.samples_per_epoch
     toks = info["train"]
     assert S == -(-(len(toks) - 1) // T)
@@ -142,18 +143,62 @@ def test_gpt_every_token_exactly_once_per_epoch(gpt_ds):
     sid = np.concatenate([s["sample_ids"] for s in steps])[:S]  # a batch may straddle two epochs
     inp = np.concatenate([s["input_ids"] for s in steps])[:S]
     lab = np.concatenate([s["labels"] for s in steps])[:S]
+    starts = np.concatenate([ld.global_window_starts(k) for k in range(ld.steps_per_epoch)])[:S]
     order = np.argsort(sid)
     assert np.array_equal(sid[order], np.arange(S))
-    inp, lab = inp[order], lab[order]
-    assert np.array_equal(lab[lab != IGNORE], toks[1:])  # every target once, in stream order
-    real_inputs = inp.reshape(-1)[: len(toks)]
-    assert np.array_equal(real_inputs, toks)  # windows overlap by one: inputs tile the stream
-    assert np.all(inp.reshape(-1)[len(toks):] == 0)  # the last window is padded with pad_id
+    inp, lab, starts = inp[order], lab[order], starts[order]
+    shift = int(starts[0])  # every window of the epoch starts at shift + j*T
+    assert np.array_equal(starts, shift + T * np.arange(S))
+    assert (shift == 0) if offsets == "fixed" else (0 <= shift < T)
+    assert np.array_equal(lab[lab != IGNORE], toks[shift + 1:])  # every target once (but the first shift), in order
+    real_inputs = inp.reshape(-1)[: len(toks) - shift]
+    assert np.array_equal(real_inputs, toks[shift:])  # windows overlap by one: inputs tile the stream
+    assert np.all(inp.reshape(-1)[len(toks) - shift:] == 0)  # the last window is padded with pad_id
     assert np.array_equal(inp[:, 1:][lab[:, :-1] != IGNORE], lab[:, :-1][lab[:, :-1] != IGNORE])  # labels = next token
     # windows straddle the 500-token shard boundaries; check one that does
     k = 500 // T
-    assert np.array_equal(inp[k], toks[k * T : (k + 1) * T])
+    assert np.array_equal(inp[k], toks[shift + k * T : shift + (k + 1) * T])
     assert lab.dtype == np.int64 and inp.dtype == np.int64
+
+
+def test_gpt_random_window_offsets_are_a_pure_function_of_seed_and_position(gpt_ds):
+    """data.window_offsets=window: window j of an epoch starts at j*T + an offset in [0, T) drawn from (seed,
+    stream position), as random-offset samplers (nanoGPT's) draw them; the same for any world size and on
+    resume. epoch (the default): one offset per epoch. The served rows are the stream's tokens there."""
+    root, info = gpt_ds
+    T, toks = 16, info["train"]
+    assert DataConfig().window_offsets == "epoch"
+    ld = loader(root, seq_len=T, gbs=8, mbs=4, window_offsets="window")
+    spe = ld.steps_per_epoch
+    starts = np.concatenate([ld.global_window_starts(k) for k in range(2 * spe)])
+    ids = np.concatenate([ld.global_sample_ids(k) for k in range(2 * spe)])
+    off = starts - ids * T
+    assert off.min() >= 0 and off.max() < T and len(np.unique(off)) == T  # every offset occurs
+    S = ld.samples_per_epoch
+    first, second = np.empty(S, np.int64), np.empty(S, np.int64)
+    first[ids[:S]], second[ids[S:2 * S]] = off[:S], off[S:2 * S]
+    assert np.mean(first != second) > 0.8  # epoch 1 does not repeat epoch 0's windows
+    other = loader(root, seq_len=T, gbs=8, mbs=2, rank=1, world=2, window_offsets="window")  # same order
+    assert all(np.array_equal(other.global_window_starts(k), ld.global_window_starts(k)) for k in (0, spe + 3))
+    assert not np.array_equal(loader(root, seq_len=T, gbs=8, mbs=4, seed=7, window_offsets="window")
+                              .global_window_starts(0) % T,
+                              ld.global_window_starts(0) % T)  # another seed: other offsets
+    for step in (1, spe + 1):  # served rows = the stream at those starts (rank 1 of 2 reads the second half)
+        other.load_state_dict({**other.state_dict(), "consumed_samples": step * 8})
+        rows = np.concatenate([m["input_ids"].numpy() for m in other.next_step()])
+        for r, s0 in zip(rows, ld.global_window_starts(step)[4:]):
+            real = toks[s0 : s0 + T]
+            assert np.array_equal(r[: len(real)], real) and (r[len(real):] == 0).all()
+    # per epoch: one offset for the whole epoch, another in the next
+    ep = loader(root, seq_len=T, gbs=8, mbs=4)
+    per_epoch = [np.unique(ep.global_window_starts(e * spe + 1) % T) for e in range(12)]
+    assert all(len(u) == 1 for u in per_epoch) and len({int(u[0]) for u in per_epoch}) >= 6
+    # a state saved with random offsets refuses a loader with other offsets (other windows), naming the option
+    fixed = loader(root, seq_len=T, gbs=8, mbs=4, window_offsets="fixed")
+    with pytest.raises(DatasetError, match="window_offsets"):
+        fixed.load_state_dict(ld.state_dict())
+    with pytest.raises(DatasetError, match="window_offsets"):
+        ep.load_state_dict(ld.state_dict())
 
 
 @pytest.mark.parametrize("num_tokens", [33, 34, 47])  # N - 1 a multiple of seq_len, one more, and a ragged end
@@ -175,6 +220,26 @@ def test_gpt_windows_at_the_end_of_the_split_and_across_tiny_shards(tmp_path, nu
     assert (lab[num_tokens - 1 :] == IGNORE).all()
     real = min(num_tokens, S * 16)  # inputs tile the stream; the last token is an input unless N-1 = S*T
     assert np.array_equal(inp[:real], stream[:real]) and (inp[real:] == 0).all()
+
+
+@pytest.mark.parametrize("shift", [0, 5, 15])
+@pytest.mark.parametrize("num_tokens", [33, 47])
+def test_gpt_windows_with_an_offset_across_tiny_shards_and_past_the_end(tmp_path, num_tokens, shift):
+    from llmscale.data.collate import gpt_windows
+
+    lengths = [5] * (num_tokens // 5) + ([num_tokens % 5] if num_tokens % 5 else [])
+    make_dataset(tmp_path / "tiny", lengths=lengths, shard_tokens=5, val_docs=1)
+    ld = build_loader(DataConfig(path=str(tmp_path / "tiny"), seq_len=16), dp_rank=0, dp_size=1, global_batch_size=1,
+                      micro_batch_size=1, shuffle=False)
+    stream = ld.splits[0].stream
+    toks = stream.read(0, stream.num_tokens)
+    S = ld.samples_per_epoch
+    for samples in (np.arange(S), np.arange(S)[::-1], np.array([S - 1]), np.array([0])):
+        inp, lab = gpt_windows(stream, samples, seq_len=16, pad_id=0, shift=shift)
+        for r, j in enumerate(samples.tolist()):
+            w = toks[j * 16 + shift : j * 16 + shift + 17]  # may be short, or empty past the end
+            assert np.array_equal(inp[r, : min(len(w), 16)], w[:16]) and (inp[r, len(w):] == 0).all()
+            assert np.array_equal(lab[r, : max(len(w) - 1, 0)], w[1:]) and (lab[r, max(len(w) - 1, 0):] == IGNORE).all()
 
 
 # --------------------------------------------------------------------------- resume
@@ -356,7 +421,10 @@ def test_blend_respects_weights_and_reads_each_dataset_epoch_by_epoch(tmp_path):
     Sb = ld.splits[1].num_samples
     assert sorted(ia[:Sa].tolist()) == list(range(Sa)) and sorted(ib[:Sb].tolist()) == list(range(Sb))
     inp = np.concatenate([s["input_ids"] for s in steps])
-    assert (inp[~from_a][:, 0] >= 500_000).all() and (inp[from_a][:, 0] < 500_000).all()
+    first = inp[:, 0]
+    real = first != 0  # a window whose random offset lies past its split's end is all padding
+    assert real.mean() > 0.99
+    assert (first[~from_a & real] >= 500_000).all() and (first[from_a & real] < 500_000).all()
     # reproducible and resumable
     ld2 = build_loader(cfg, dp_rank=0, dp_size=1, global_batch_size=16, micro_batch_size=8)
     ld2.load_state_dict({**ld.state_dict(), "consumed_samples": 16 * 100})
@@ -450,13 +518,14 @@ def test_real_prepared_gpt_dataset_is_served_whole(shakespeare):
     assert len(gpt.shards("train")) > 1  # windows cross shard boundaries
     tok = Tokenizer.load(gpt.tokenizer_dir())
     stream = np.concatenate([open_shard(gpt.root / s.path).tokens for s in gpt.shards("train")]).astype(np.int64)
-    c = DataConfig(path=str(gpt.root), seq_len=64)
+    c = DataConfig(path=str(gpt.root), seq_len=64)  # one offset per epoch (the default): every target once
     ld = build_loader(c, dp_rank=0, dp_size=1, global_batch_size=32, micro_batch_size=16, vocab_size=tok.vocab_size)
     S = ld.samples_per_epoch
     steps = take(ld, ld.steps_per_epoch)
     sid = np.concatenate([s["sample_ids"] for s in steps])[:S]
     lab = np.concatenate([s["labels"] for s in steps])[:S][np.argsort(sid)]
-    assert np.array_equal(lab[lab != IGNORE], stream[1:])
+    shift = int(ld.global_window_starts(0)[0] % 64)  # epoch 0's window shift (data.window_shift)
+    assert np.array_equal(lab[lab != IGNORE], stream[shift + 1:])
     window = steps[0]["input_ids"][0].tolist()
     pieces = [tok.decode(p) for p in np.split(window, np.flatnonzero(np.array(window) == tok.eos_id))]
     assert all(p.replace("</s>", "") in text for p in pieces if p)  # windows are real, losslessly decoded text

@@ -35,6 +35,10 @@ def test_no_decay_on_norms_biases_embeddings():
     nd = no_decay_names(m)
     assert {"wte.weight", "wpe.weight", "ln.weight", "ln.bias", "rms.weight", "fc.bias", "head.weight"} <= nd
     assert "fc.weight" not in nd and "proj.weight" not in nd
+    # optim.decay_embeddings: the embeddings (and the head tied to one) are decayed too, norms and biases never
+    nd_all = no_decay_names(m, decay_embeddings=True)
+    assert {"ln.weight", "ln.bias", "rms.weight", "fc.bias"} <= nd_all
+    assert not {"wte.weight", "wpe.weight", "head.weight", "fc.weight"} & nd_all
 
     cfg = OptimConfig(weight_decay=0.1)
     groups = param_groups(m.named_parameters(remove_duplicate=False), cfg, no_decay=nd)

@@ -136,7 +136,8 @@ def _cpu_worker(rank: int, world_size: int, cfg_dict: dict, steps: int, warmup: 
         torch.manual_seed(cfg.train.seed)  # the same initial weights as the engine's copy
         plain = build_model(cfg.model, vocab_size=cfg.model.vocab_size)
         o = cfg.optim
-        opt = torch.optim.AdamW(param_groups(plain.named_parameters(), o, no_decay=no_decay_names(plain)),
+        no_decay = no_decay_names(plain, decay_embeddings=o.decay_embeddings)
+        opt = torch.optim.AdamW(param_groups(plain.named_parameters(), o, no_decay=no_decay),
                                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     step_s, plain_s, data_s, timings = [], [], [], {k: [] for k in TIMING_KEYS}
     losses = []

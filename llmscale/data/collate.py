@@ -4,14 +4,18 @@ The loader (:mod:`llmscale.data.loader`) decides *which* samples a rank reads; t
 decides *what a sample is* and builds the numpy arrays of a micro-batch from memory-mapped
 shards. Everything here is vectorized per row or per batch: there is no per-token Python.
 
-GPT: sample ``j`` of a split is the window of ``seq_len + 1`` tokens starting at token ``j * seq_len``
-of the split's token stream (every shard's documents back to back, each ending with eos);
-consecutive windows overlap by one token, so ``labels[:, t]`` (the next token) of the last position
-of one window is the first input of the next. A split of ``N`` tokens has ``ceil((N - 1) / seq_len)``
-samples; the last one is padded with ``pad_id`` and its padded labels are ``-100``. Every token
-except the split's very first is the target of exactly one sample per epoch, and the inputs tile the
-stream from its first token (the very last token may appear only as a target): nothing is dropped
-and nothing is served twice.
+GPT: sample ``j`` of a split is the window of ``seq_len + 1`` tokens starting at token
+``j * seq_len + offset`` of the split's token stream (every shard's documents back to back, each ending
+with eos), ``0 <= offset < seq_len``. A split of ``N`` tokens has ``ceil((N - 1) / seq_len)`` samples;
+windows that run past the end are padded with ``pad_id`` and their padded labels are ``-100``. With
+offset 0 (validation, and training with ``data.window_offsets: fixed``) consecutive windows overlap by
+one token, so every token except the split's very first is the target of exactly one sample per epoch
+and nothing is served twice. The loader draws training offsets (``data.window_offsets``): ``epoch`` (the
+default), one offset per epoch and dataset, so no two epochs serve the same windows and every target is
+still served once per epoch but the epoch's first ``offset``; ``window``, one per window and epoch, as
+samplers that draw random offsets (nanoGPT's) do: a text lands at another position in every window, and
+tokens are covered once per epoch on average (about 1/6 of them twice and 1/6 not at all), each sample
+index still once.
 
 BERT: sample ``j`` is a run of consecutive sentences of one document holding at most
 ``seq_len - 3`` tokens (greedy packing; a sentence longer than that is cut into pieces), split into
@@ -56,17 +60,17 @@ class TokenStream:
         self._tokens = [s.tokens for s in self.shards]
         self._views: dict[tuple[int, int], np.ndarray] = {}
 
-    def window_offset(self, k: int, seq_len: int) -> int:
-        """Shard-local position of the first window (global start a multiple of seq_len) in shard k."""
-        return int(-self._cum_list[k] % seq_len)
+    def window_offset(self, k: int, seq_len: int, shift: int = 0) -> int:
+        """Shard-local position of the first window (global start = shift + a multiple of seq_len) in shard k."""
+        return int((shift - self._cum_list[k]) % seq_len)
 
-    def windows(self, k: int, seq_len: int) -> np.ndarray:
+    def windows(self, k: int, seq_len: int, shift: int = 0) -> np.ndarray:
         """Read-only strided view of shard k: row i = tokens [off + i*seq_len, off + i*seq_len + seq_len + 1)."""
-        key = (k, seq_len)
+        key = (k, seq_len, shift)
         v = self._views.get(key)
         if v is None:
             src = self._tokens[k]
-            off = self.window_offset(k, seq_len)
+            off = self.window_offset(k, seq_len, shift)
             rows = max(0, (len(src) - off - seq_len - 1) // seq_len + 1)
             base = src[off:] if off < len(src) else src[:0]
             v = np.lib.stride_tricks.as_strided(
@@ -104,11 +108,13 @@ def gpt_windows(
     *,
     seq_len: int,
     pad_id: int,
+    shift: int = 0,
     out: Optional[tuple[np.ndarray, np.ndarray]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, labels)`` int64 arrays of shape (len(samples), seq_len) for these window indices.
 
-    Window j starts at token j*seq_len, so inside one shard the windows are the rows of a strided
+    Window j starts at token shift + j*seq_len (``0 <= shift < seq_len``, the same for every row; the loader
+    groups rows by offset, see the module docstring), so inside one shard the windows are the rows of a strided
     view of the memory map (row stride seq_len, row length seq_len + 1): a batch is one fancy-index
     gather of those rows plus two casting copies (inputs = rows[:, :-1], labels = rows[:, 1:]), a
     few C calls per shard instead of two per row. Windows across a shard boundary are read
@@ -122,31 +128,31 @@ def gpt_windows(
     inputs, labels = out  # (B, T) each
     if B == 0:
         return inputs, labels
-    starts = np.asarray(samples, dtype=np.int64) * T
+    starts = np.asarray(samples, dtype=np.int64) * T + int(shift)
     lo, hi = int(starts.min()), int(starts.max())
-    k0 = bisect.bisect_right(stream._cum_list, lo) - 1
+    k0 = min(bisect.bisect_right(stream._cum_list, lo) - 1, len(stream.sizes) - 1)  # lo may lie past the end
     if hi + T + 1 <= stream._cum_list[k0 + 1]:  # the common case: one shard, no boundary, no padding
-        j = (starts - (stream._cum_list[k0] + stream.window_offset(k0, T))) // T
-        rows = stream.windows(k0, T)[j]  # (B, T+1), token dtype
+        j = (starts - (stream._cum_list[k0] + stream.window_offset(k0, T, shift))) // T
+        rows = stream.windows(k0, T, shift)[j]  # (B, T+1), token dtype
         np.copyto(inputs, rows[:, :T], casting="unsafe")
         np.copyto(labels, rows[:, 1:], casting="unsafe")
         return inputs, labels
-    shard = np.searchsorted(stream.cum, starts, side="right") - 1
+    shard = np.minimum(np.searchsorted(stream.cum, starts, side="right") - 1, len(stream.sizes) - 1)
     local = starts - stream.cum[shard]
     inside = local + (T + 1) <= stream.sizes[shard]
     for k in np.unique(shard[inside]).tolist():
         sel = np.flatnonzero(inside & (shard == k))
-        rows = stream.windows(k, T)[(local[sel] - stream.window_offset(k, T)) // T]
+        rows = stream.windows(k, T, shift)[(local[sel] - stream.window_offset(k, T, shift)) // T]
         inputs[sel] = rows[:, :T]
         labels[sel] = rows[:, 1:]
     n = stream.num_tokens
     for r in np.flatnonzero(~inside).tolist():  # across a shard boundary, or the split's last window
         s = int(starts[r])
-        w = stream.read(s, min(s + T + 1, n))
-        m = len(w)  # real tokens of this window (< T + 1 only for the split's last window)
+        w = stream.read(s, min(s + T + 1, n)) if s < n else np.empty(0, dtype=np.int64)
+        m = len(w)  # real tokens of this window (< T + 1 only at the split's end; 0 past it, with a shift)
         inputs[r, : min(m, T)] = w[:T]
         inputs[r, m:] = pad_id
-        labels[r, : m - 1] = w[1:]
+        labels[r, : max(m - 1, 0)] = w[1:]
         labels[r, max(m - 1, 0) :] = IGNORE
     return inputs, labels
 

@@ -8,6 +8,12 @@ Step ``k`` takes ``stream[k*B : (k+1)*B]`` for the global batch size ``B``; data
 of ``W`` takes the r-th contiguous chunk of ``B / W`` of those, cut into micro-batches. The stream
 never depends on ``W``, so a job resumed on 2, 4 or 8 ranks continues the very same sequence.
 
+Window offsets (GPT, ``data.window_offsets``). Training window ``j`` starts at ``j * seq_len`` plus an
+offset in ``[0, seq_len)`` (see :mod:`llmscale.data.collate`): ``epoch`` (the default) draws one per
+(seed, dataset, epoch) from its own generator; ``window`` draws one per stream position from a
+counter-based hash of (seed, position); ``fixed`` is 0. Like the permutation, a pure function of the seed
+and the stream position: the same for every world size and on resume. Validation never shifts.
+
 Remainders. Nothing is dropped: the last GPT window of a split is padded (labels -100), and the
 stream runs straight from one epoch into the next, so a global batch may hold the last samples of
 epoch ``e`` and the first of ``e + 1``. ``steps_per_epoch`` is ``ceil(samples_per_epoch / B)``.
@@ -55,6 +61,7 @@ from llmscale.data.collate import (
     gpt_num_samples,
     gpt_windows,
     ignore_rows,
+    uniforms,
 )
 from llmscale.data.shards import DatasetError, Manifest, open_shard, read_manifest
 from llmscale.log import get_logger
@@ -67,6 +74,7 @@ _TAG_PERM = 0x5045524D  # "PERM"
 _TAG_BLEND = 0x424C4E44  # "BLND"
 _TAG_MASK = 0x4D41534B  # "MASK"
 _TAG_EVAL = 0x4556414C  # "EVAL"
+_TAG_SHIFT = 0x53484654  # "SHFT"
 _BLOCK = 1024
 
 
@@ -171,8 +179,8 @@ class SampleOrder:
 
         return self._cached(("block", b), make)
 
-    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source, sample index within the source) of each stream position."""
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, sample index within the source, epoch of that source) of each stream position."""
         positions = np.asarray(positions, dtype=np.int64)
         if len(self.sizes) == 1:
             src = np.zeros(len(positions), dtype=np.int64)
@@ -192,18 +200,27 @@ class SampleOrder:
             e0 = int(positions[0]) // size
             if int(positions[-1]) // size == e0 and positions[-1] >= positions[0]:  # one epoch (the common case)
                 local = positions - e0 * size
-                return src, (self.permutation(0, e0)[local] if self.shuffle else local)
+                epoch = np.full(len(positions), e0, dtype=np.int64)
+                return src, (self.permutation(0, e0)[local] if self.shuffle else local), epoch
         sample = np.empty(len(positions), dtype=np.int64)
         epoch = nth // self.sizes[src]
         local = nth - epoch * self.sizes[src]
         if not self.shuffle:
-            return src, local
+            return src, local, epoch
         keys = src * (1 << 40) + epoch
         for key in np.unique(keys).tolist():
             sel = keys == key
             d, e = divmod(key, 1 << 40)
             sample[sel] = self.permutation(d, e)[local[sel]]
-        return src, sample
+        return src, sample, epoch
+
+    def shift(self, source: int, epoch: int, seq_len: int) -> int:
+        """GPT: the token offset of every window of this source in this epoch, in [0, seq_len)."""
+        def make():
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _TAG_SHIFT, source, epoch])))
+            return int(rng.integers(0, seq_len))
+
+        return self._cached(("shift", source, epoch, seq_len), make)
 
     def global_ids(self, src: np.ndarray, sample: np.ndarray) -> np.ndarray:
         return self.offsets[src] + sample
@@ -266,14 +283,32 @@ class TokenLoader:
     def epoch(self) -> int:
         return self.consumed_samples // self.samples_per_epoch
 
-    def _ids_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src, sample = self.order.lookup(positions)
-        return src, sample, self.order.global_ids(src, sample)
+    def _ids_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(source, sample, global sample id, window offset) of each stream position (offset 0 unless GPT with
+        data.window_offsets epoch or window)."""
+        src, sample, epoch = self.order.lookup(positions)
+        shift = np.zeros(len(positions), dtype=np.int64)
+        mode = self.cfg.window_offsets if self.kind == "gpt" and self.shuffle else "fixed"
+        if mode == "epoch":
+            keys = src * (1 << 40) + epoch
+            for key in np.unique(keys).tolist():
+                d, e = divmod(key, 1 << 40)
+                shift[keys == key] = self.order.shift(d, e, self.seq_len)
+        elif mode == "window":
+            u = uniforms(self.seed, _TAG_SHIFT, positions, 1, lane=0)[:, 0]
+            shift = np.minimum((u * self.seq_len).astype(np.int64), self.seq_len - 1)
+        return src, sample, self.order.global_ids(src, sample), shift
 
     def global_sample_ids(self, step: int) -> np.ndarray:
         """The global batch of optimizer step ``step``: ``global_batch_size`` sample ids (int64)."""
         pos = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
         return self._ids_at(pos)[2]
+
+    def global_window_starts(self, step: int) -> np.ndarray:
+        """GPT: the token position (in its dataset's split) where each window of step ``step`` starts."""
+        pos = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
+        _, sample, _, shift = self._ids_at(pos)
+        return sample * self.seq_len + shift
 
     def rank_sample_ids(self, step: int, dp_rank: int, dp_size: int) -> np.ndarray:
         """What data-parallel rank ``dp_rank`` of ``dp_size`` reads at ``step`` (its contiguous chunk)."""
@@ -285,19 +320,26 @@ class TokenLoader:
     # ---------------------------------------------------------------- batches
 
     def _collate(self, splits: list[DatasetSplit], positions: np.ndarray, src: np.ndarray, sample: np.ndarray, *,
-                 tag: int) -> dict[str, np.ndarray]:
-        """The numpy arrays of these positions' samples (rows in the given order); src indexes ``splits``."""
+                 tag: int, shift: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+        """The numpy arrays of these positions' samples (rows in the given order); src indexes ``splits``;
+        ``shift``: GPT window shift of each row (default 0)."""
         n = len(positions)
         if self.kind == "gpt":
             out = (np.empty((n, self.seq_len), dtype=np.int64), np.empty((n, self.seq_len), dtype=np.int64))
             inp, lab = out
-            if len(splits) == 1:
-                gpt_windows(splits[0].stream, sample, seq_len=self.seq_len, pad_id=self.spec.pad_id, out=out)
+            if shift is None:
+                shift = np.zeros(n, dtype=np.int64)
+            keys = src * self.seq_len + shift
+            uniq = np.unique(keys).tolist()
+            if len(uniq) == 1:
+                d, sh = divmod(uniq[0], self.seq_len)
+                gpt_windows(splits[d].stream, sample, seq_len=self.seq_len, pad_id=self.spec.pad_id, shift=sh, out=out)
             else:
-                for d in np.unique(src).tolist():
-                    sel = src == d
+                for key in uniq:
+                    sel = keys == key
+                    d, sh = divmod(key, self.seq_len)
                     inp[sel], lab[sel] = gpt_windows(
-                        splits[d].stream, sample[sel], seq_len=self.seq_len, pad_id=self.spec.pad_id)
+                        splits[d].stream, sample[sel], seq_len=self.seq_len, pad_id=self.spec.pad_id, shift=sh)
             return {"input_ids": inp, "labels": lab}
         parts: dict[str, np.ndarray] = {}
         for d in np.unique(src).tolist():
@@ -313,10 +355,10 @@ class TokenLoader:
     def _rank_step(self, start: int) -> list[dict]:
         """This rank's micro-batches of the global batch that begins at stream position ``start``."""
         positions = start + self.dp_rank * self.per_rank + np.arange(self.per_rank, dtype=np.int64)
-        sources, samples, ids = self._ids_at(positions)
+        sources, samples, ids, shift = self._ids_at(positions)
         # The whole step in one go (one allocation, fixed costs paid once); each micro-batch is then a
         # contiguous row block of it.
-        arrays = self._collate(self.splits, positions, sources, samples, tag=_TAG_MASK)
+        arrays = self._collate(self.splits, positions, sources, samples, tag=_TAG_MASK, shift=shift)
         arrays["sample_ids"] = ids
         parts = {k: torch.from_numpy(v).chunk(self.grad_accum_steps) for k, v in arrays.items()}
         out = [{k: p[m] for k, p in parts.items()} for m in range(self.grad_accum_steps)]
@@ -349,6 +391,8 @@ class TokenLoader:
             for m, s, w in zip(self.manifests, self.splits, self.order.weights)
         ]
         desc.append({"format": self.kind, "seq_len": self.seq_len, "split": self.split, "shuffle": self.shuffle})
+        if self.kind == "gpt" and self.shuffle and self.cfg.window_offsets != "fixed":
+            desc.append({"window_offsets": self.cfg.window_offsets})  # absent when fixed, as before the option
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
@@ -373,7 +417,7 @@ class TokenLoader:
                 f"set data.seed={state['seed']} to resume the same sample sequence.")
         if state["fingerprint"] != self.fingerprint():
             raise DatasetError(
-                f"the checkpoint's loader read a different dataset, blend, seq_len or format "
+                f"the checkpoint's loader read a different dataset, blend, seq_len, format or data.window_offsets "
                 f"({state['samples_per_epoch']} samples per epoch, now {self.samples_per_epoch}): its position means "
                 f"nothing here. Resume with the same data settings, or start a new run directory for the new data.")
         if int(state["global_batch_size"]) != self.global_batch_size:

@@ -4,8 +4,10 @@
     sample_order("data/mine", world_size=4, global_batch=16, steps=2, start_step=10)
 
 returns ``{"steps": [{"step": 10, "ranks": [[ids of rank 0], [ids of rank 1], ...]}, ...]}``. The ids
-are the loader's sample ids (GPT: window index in the split; BERT: segment-pair index). Another
-``world_size`` gives the same global sequence, cut differently.
+are the loader's sample ids (GPT: window index in the split; BERT: segment-pair index). For GPT each
+step also has ``"starts"``: per rank, the token position where each window begins (``id * seq_len``
+plus its random offset, see ``data.window_offsets``). Another ``world_size`` gives the same
+global sequence, cut differently.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def sample_order(
     seq_len: Optional[int] = None,
     split: str = "train",
     shuffle: bool = True,
+    window_offsets: Optional[str] = None,
 ) -> dict:
     """The sample ids of every rank at steps ``start_step .. start_step + steps - 1`` (``seed``, ``seq_len``:
     the run's data.seed and data.seq_len, default DataConfig's)."""
@@ -42,7 +45,8 @@ def sample_order(
     path = str(path)
     kind = read_manifest(path).kind
     cfg = DataConfig(path=path, format=kind, seq_len=DataConfig.seq_len if seq_len is None else seq_len,
-                     seed=DataConfig.seed if seed is None else seed)
+                     seed=DataConfig.seed if seed is None else seed,
+                     window_offsets=window_offsets or DataConfig.window_offsets)
     cfg.validate()
     per = global_batch // world_size
     loader = build_loader(
@@ -52,5 +56,9 @@ def sample_order(
     out = []
     for step in range(start_step, start_step + steps):
         ids = loader.global_sample_ids(step)
-        out.append({"step": step, "ranks": [ids[r * per : (r + 1) * per].tolist() for r in range(world_size)]})
+        row = {"step": step, "ranks": [ids[r * per : (r + 1) * per].tolist() for r in range(world_size)]}
+        if kind == "gpt":
+            starts = loader.global_window_starts(step)
+            row["starts"] = [starts[r * per : (r + 1) * per].tolist() for r in range(world_size)]
+        out.append(row)
     return {"steps": out}
