@@ -149,6 +149,11 @@ def test_every_input_format(tmp_path, tok):
     decoded = [tok.decode(r[:-1]) for r, _ in rows(tmp_path / "ds", "train") + rows(tmp_path / "ds", "val")]
     assert sorted(decoded) == sorted(expected)
     assert m.data["stats"]["documents_read"] == len(expected) and m.data["stats"]["files"] == 8
+    # a file whose name holds glob characters (Gutenberg's "Love and Freindship [sic].txt") is read as named,
+    # as the shell passes it when it expands `books/*.txt`
+    odd = tmp_path / "Love and Freindship [sic].txt"
+    odd.write_text("Sense and sensibility.\n", encoding="utf-8")
+    assert [t for _, t in iter_documents([str(odd)])] == ["Sense and sensibility.\n"]
 
 
 def test_list_of_strings_and_nested_fields(tmp_path):

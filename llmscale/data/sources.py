@@ -116,7 +116,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for raw in inputs:
         s = str(raw)
-        if any(c in s for c in "*?["):
+        if any(c in s for c in "*?[") and not Path(s).exists():  # an existing name like "x [sic].txt" is a path
             matches = sorted(Path(m) for m in _glob.glob(s, recursive=True) if Path(m).is_file())
             if not matches:
                 raise PrepareError(f"Input glob {s!r} matches no file. "
