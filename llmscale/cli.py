@@ -33,6 +33,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("ckpt", "verify"): "Verify a checkpoint's files against its manifest.",
     ("ckpt", "convert"): "Convert a checkpoint to the universal (layout-free) format.",
     ("plot",): "Draw a run's loss curves to a PNG.",
+    ("report",): "Draw several runs' loss (or metric) curves on the same axes to one PNG.",
     ("quickstart",): "Prepare the bundled corpus, pretrain a tiny GPT on 2 CPU processes, sample.",
     ("bench", "data"): "Benchmark prepare and the loader against raw limits (JSON).",
     ("bench", "model"): "Benchmark model forward+backward throughput (JSON).",
