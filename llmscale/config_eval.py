@@ -18,7 +18,7 @@ from typing import Literal, Optional
 from llmscale.config import doc
 from llmscale.errors import ConfigError
 
-TASKS = ("perplexity", "mlm", "classify", "generate", "harness")
+TASKS = ("perplexity", "mlm", "nsp", "classify", "generate", "harness")
 
 
 @dataclass
@@ -65,6 +65,16 @@ class MLMConfig(TextInputs):
     def validate(self) -> None:
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm.mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+
+
+@dataclass
+class NSPConfig:
+    """Next-sentence-prediction accuracy of a BERT with an NSP head on a prepared BERT dataset's val split: the
+    sentence pairs and 50% random next segments (from another document) of training's loader, with its seed."""
+
+    dataset: str = doc("", "A BERT dataset written by `llmscale prepare --format bert` with the model's tokenizer.")
+    seq_len: int = doc(0, "Tokens per pair, [CLS]/[SEP] included (0 = min(128, the model's max_seq_len)).")
+    seed: int = doc(1234, "Seed of the pairs' A/B cut, the random next segments and the masking (as data.seed).")
 
 
 @dataclass
@@ -136,6 +146,7 @@ class EvalConfig:
     device: str = doc("auto", "auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda, ...")
     perplexity: PerplexityConfig = doc(text="task perplexity.", factory=PerplexityConfig)
     mlm: MLMConfig = doc(text="task mlm.", factory=MLMConfig)
+    nsp: NSPConfig = doc(text="task nsp.", factory=NSPConfig)
     classify: EvalClassifyConfig = doc(text="task classify.", factory=EvalClassifyConfig)
     generate: GenerateConfig = doc(text="task generate.", factory=GenerateConfig)
     harness: HarnessConfig = doc(text="task harness.", factory=HarnessConfig)
@@ -163,6 +174,9 @@ class EvalConfig:
             self.mlm.check("mlm")
             if self.mlm.seq_len and self.mlm.seq_len < 4:
                 raise ConfigError(f"mlm.seq_len must be >= 4 (or 0), got {self.mlm.seq_len}.")
+        if "nsp" in self.tasks and not self.nsp.dataset:
+            raise ConfigError("task nsp needs nsp.dataset: a BERT dataset written by `llmscale prepare --format bert "
+                              "--tokenizer MODEL_TOKENIZER ...` (its val split is scored).")
         if "classify" in self.tasks and not self.classify.files:
             raise ConfigError("task classify needs classify.files: labelled examples (e.g. "
                               "classify.files=[data/sst2/dev.tsv]).")

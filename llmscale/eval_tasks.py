@@ -12,9 +12,13 @@ Each task takes a :class:`llmscale.artifacts.LoadedModel`, its config section an
 * ``mlm`` (BERT): documents cut into consecutive ``[CLS] ... [SEP]`` segments (every token in exactly one),
   masked by training's rule (:func:`llmscale.data.collate.mask_tokens`) with a fixed seed keyed by the
   segment's index: masked-LM loss, perplexity and accuracy over the selected tokens.
+* ``nsp`` (BERT with its NSP head): next-sentence accuracy on a prepared BERT dataset's val pairs, built by
+  training's loader (half the B segments from another document; the pairs, coins and masks from the seed),
+  beside the majority baseline; the pairs are cut over ranks batch by batch, and the counts summed.
 * ``classify`` (sequence classifiers): accuracy, macro precision / recall / F1, per class, MCC and the
   confusion matrix (:func:`llmscale.evaluate.classification_metrics`) with the model's own label map.
-* ``generate`` (causal LMs): a completion per prompt, greedy or sampled with seed + prompt index.
+* ``generate`` (causal LMs): a completion per prompt, greedy or sampled with seed + prompt index; with
+  references (``generate.reference_field``), the share of exact matches and of first-word matches.
 
 Work is split over ranks item by item (window, segment, example, prompt: rank r takes r, r+W, ...), so
 nothing is padded in or counted twice; every rank's per-item results are gathered and summed in item
@@ -297,6 +301,73 @@ def mlm_task(loaded: Any, cfg: Any, *, batch_size: int, world: Any) -> TaskResul
     })
 
 
+# --------------------------------------------------------------------------- nsp
+
+
+def nsp_task(loaded: Any, cfg: Any, *, batch_size: int, world: Any) -> TaskResult:
+    """Held-out next-sentence accuracy: the val pairs of training's BERT loader (its rule: half of the B segments
+    replaced by the start of another document's sample, a coin per pair from the seed), masked as in training."""
+    import torch
+
+    from llmscale.config import DataConfig
+    from llmscale.data.loader import build_loader
+    from llmscale.data.shards import MANIFEST, read_manifest
+    from llmscale.files import sha256_file
+
+    model = loaded.model
+    if loaded.config.family != "bert" or loaded.classifier is not None or getattr(model, "nsp_head", None) is None:
+        raise ConfigError(f"task nsp needs a BERT pretrained with its next-sentence head (model.nsp_head=true, "
+                          f"data.nsp=true); {loaded.path} has none. Use task mlm for a masked-LM-only BERT.")
+    tok = _llmscale_tokenizer(loaded, "nsp")
+    m = read_manifest(cfg.dataset)
+    if m.kind != "bert":
+        raise DatasetError(f"nsp.dataset={cfg.dataset} was prepared for {m.kind.upper()}; NSP pairs need sentence "
+                           f"boundaries: `llmscale prepare --format bert --tokenizer MODEL_TOKENIZER ...`.")
+    if m.tokenizer_hash != tok.hash:
+        raise TokenizerError(f"{cfg.dataset} was prepared with tokenizer {m.tokenizer_hash[:12]}, the model's is "
+                             f"{tok.hash[:12]}: re-prepare it with `llmscale prepare --format bert --tokenizer "
+                             f"MODEL_TOKENIZER --input ... --output {cfg.dataset}-retok`.")
+    seq_len = cfg.seq_len or min(128, loaded.config.max_seq_len)
+    if seq_len > loaded.config.max_seq_len:
+        raise ConfigError(f"nsp.seq_len={seq_len} exceeds the model's max_seq_len={loaded.config.max_seq_len}.")
+    data = DataConfig(path=str(cfg.dataset), format="bert", seq_len=seq_len, nsp=True, seed=cfg.seed)
+    data.validate()
+    loader = build_loader(data, split="val", dp_rank=world.rank, dp_size=world.world_size,
+                          global_batch_size=world.world_size * batch_size, micro_batch_size=batch_size,
+                          pad_id=tok.pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
+                          vocab_size=loaded.config.vocab_size, shuffle=False)
+    device = next(model.parameters()).device
+    confusion = np.zeros((2, 2), dtype=np.int64)  # [gold][pred]; 0 = B is the real next segment, 1 = random
+    nats = 0.0
+    with torch.no_grad():
+        for b in loader.eval_batches():
+            out = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                        token_type_ids=b["token_type_ids"].to(device))
+            gold = b["next_sentence_label"].to(device)
+            keep = gold != -100
+            logits = out.nsp_logits.float()[keep]
+            g = gold[keep]
+            nats += float(torch.nn.functional.cross_entropy(logits, g, reduction="sum")) if len(g) else 0.0
+            pred = logits.argmax(-1)
+            for gi, pi in zip(g.tolist(), pred.tolist()):
+                confusion[gi, pi] += 1
+    parts = ldist.all_gather_object((confusion.tolist(), nats))
+    confusion = sum((np.array(c, dtype=np.int64) for c, _ in parts), np.zeros((2, 2), dtype=np.int64))
+    nats = math.fsum(x for _, x in parts)
+    n = int(confusion.sum())
+    if n == 0:
+        raise DatasetError(f"nsp: {cfg.dataset} has no validation pairs; re-prepare it with a larger --val-fraction.")
+    random_share = float(confusion[1].sum() / n)
+    return TaskResult({
+        "accuracy": float(np.trace(confusion) / n), "loss": nats / n, "pairs": n,
+        "random_next_share": random_share, "majority_baseline": max(random_share, 1 - random_share),
+        "confusion": confusion.tolist(), "confusion_order": ["is_next", "random_next"],
+        "settings": {"seq_len": seq_len, "seed": cfg.seed, "split": "val", "masked_inputs": True},
+        "data": [{"dataset": str(cfg.dataset), "split": "val",
+                  "manifest_sha256": sha256_file(Path(cfg.dataset) / MANIFEST)}],
+    })
+
+
 # --------------------------------------------------------------------------- classify
 
 
@@ -436,15 +507,27 @@ def generate_task(loaded: Any, cfg: Any, *, batch_size: int, world: Any) -> Task
             row["gold"] = item["reference"]
         preds.append(row)
     new_tokens = [d[1] for d in done]
+    refs = [(r["prediction"], r["gold"]) for r in preds if "gold" in r]
+    matches = {}
+    if refs:  # e.g. an SFT classifier answering "positive"/"negative": scored by its first word
+        matches = {"references": len(refs),
+                   "exact_match": sum(p.strip() == str(g).strip() for p, g in refs) / len(refs),
+                   "first_word_match": sum(_first_word(p) == _first_word(str(g)) != "" for p, g in refs) / len(refs)}
     return TaskResult({
         "prompts": len(prompts), "new_tokens": sum(new_tokens), "mean_new_tokens": sum(new_tokens) / len(prompts),
-        "stopped_at_eos": sum(1 for n in new_tokens if n < cfg.max_new_tokens),
+        "stopped_at_eos": sum(1 for n in new_tokens if n < cfg.max_new_tokens), **matches,
         "settings": {"greedy": cfg.greedy, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                      "top_k": cfg.top_k or None, "top_p": cfg.top_p, "seed": cfg.seed,
                      "seed_rule": "prompt i samples with seed + i"},
         "data": file_records(cfg.prompts),
         "seconds_generating": ldist.all_gather_object(seconds),
     }, preds)
+
+
+def _first_word(text: str) -> str:
+    """The first whitespace-separated word, lowercased, without surrounding punctuation ("" for none)."""
+    words = text.split()
+    return words[0].strip(".,;:!?\"'()[]").lower() if words else ""
 
 
 # --------------------------------------------------------------------------- outputs
@@ -454,8 +537,10 @@ _MD_KEYS = {
     "perplexity": ["loss", "perplexity", "bits_per_byte", "word_perplexity", "accuracy", "tokens", "bytes", "words",
                    "documents", "windows"],
     "mlm": ["loss", "perplexity", "accuracy", "masked_tokens", "segments"],
+    "nsp": ["accuracy", "majority_baseline", "loss", "pairs", "random_next_share"],
     "classify": ["accuracy", "f1", "precision_macro", "recall_macro", "mcc", "loss", "examples", "truncated"],
-    "generate": ["prompts", "new_tokens", "mean_new_tokens", "stopped_at_eos"],
+    "generate": ["prompts", "new_tokens", "mean_new_tokens", "stopped_at_eos", "references", "exact_match",
+                 "first_word_match"],
 }
 
 
@@ -528,4 +613,5 @@ def model_summary(loaded: Any, source: str) -> dict[str, Any]:
             "max_seq_len": loaded.config.max_seq_len}
 
 
-TASK_FUNCS = {"perplexity": perplexity_task, "mlm": mlm_task, "classify": classify_task, "generate": generate_task}
+TASK_FUNCS = {"perplexity": perplexity_task, "mlm": mlm_task, "nsp": nsp_task, "classify": classify_task,
+              "generate": generate_task}

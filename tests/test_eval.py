@@ -266,6 +266,39 @@ def test_mlm_is_the_same_on_1_and_2_processes_and_masks_by_training_rule(bert_fo
     assert c["masked_tokens"] != a["masked_tokens"] or c["loss"] != a["loss"]  # the seed decides the masking
 
 
+@pytest.mark.slow
+def test_nsp_is_the_same_on_1_and_2_processes_and_refuses_what_cannot_be_scored(tiny_bert_dataset, bert_folder,
+                                                                                tmp_path):
+    """The nsp task scores the val pairs of training's loader (half of the B segments from another document);
+    random weights score near chance, every pair once, the same on 1 and 2 processes."""
+    from llmscale.config import ModelConfig, from_dict
+    from llmscale.data.tokenizer import Tokenizer
+    from llmscale.models import build_model
+    from llmscale.models.hf import export_model
+
+    tok_dir = tiny_bert_dataset / "tokenizer"
+    torch.manual_seed(3)
+    shape = dict(family="bert", n_layers=1, d_model=32, n_heads=2, max_seq_len=64, nsp_head=True, norm_position="post")
+    model = build_model(from_dict(ModelConfig, shape), vocab_size=Tokenizer.load(tok_dir).vocab_size)
+    folder = export_model(model.eval(), model.config, tok_dir, tmp_path / "nsp_model")
+    cfg = _config(tmp_path / "e.yaml", model=str(folder), tasks=["nsp"], output_dir=str(tmp_path / "o"),
+                  nsp={"dataset": str(tiny_bert_dataset), "seq_len": 64})
+    a = _run_eval(cfg, ["batch_size=8"], world_size=1)["tasks"]["nsp"]
+    b = _run_eval(cfg, ["batch_size=4"], world_size=2)["tasks"]["nsp"]
+    assert a["pairs"] == b["pairs"] and a["confusion"] == b["confusion"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert a["pairs"] == sum(map(sum, a["confusion"])) and 0.35 < a["random_next_share"] < 0.65
+    assert abs(a["accuracy"] - 0.5) < 0.15  # random weights: a coin
+    refused = [
+        (dict(model=str(bert_folder), nsp={"dataset": str(tiny_bert_dataset)}), "next-sentence head"),
+        (dict(model=str(folder), nsp={"dataset": ""}), "task nsp needs nsp.dataset"),
+    ]
+    for i, (values, needle) in enumerate(refused):
+        c = _config(tmp_path / f"bad{i}.yaml", tasks=["nsp"], output_dir=str(tmp_path / f"bad{i}"), **values)
+        proc = run_cli(["eval", str(c)], check=False)
+        assert proc.returncode in (1, 2) and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_mask_tokens_is_the_rule_training_uses(tokenizer_dir):
     """bert_batch (training) and the eval job mask through one function: same rows, same seed -> same masks."""
     import numpy as np

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 -m llmscale eval configs/eval_wikitext2.yaml model=runs/quickstart
 
 Tasks (``tasks=[...]``, several per job): ``perplexity`` (sliding windows, bits per byte, word perplexity),
-``mlm`` (BERT masked-LM loss and accuracy, fixed masking seed), ``classify`` (accuracy, F1, MCC, confusion),
+``mlm`` (BERT masked-LM loss and accuracy, fixed masking seed), ``nsp`` (next-sentence accuracy on a prepared
+BERT dataset's val pairs), ``classify`` (accuracy, F1, MCC, confusion),
 ``generate`` (completions for a prompt file) and ``harness`` (lm-evaluation-harness tasks; the `harness`
 extra). ``model`` is anything :func:`llmscale.artifacts.load_model` reads; a run directory gives its
 best checkpoint when it records one (fine-tune runs), else its final weights (``checkpoint=...`` chooses).
