@@ -74,7 +74,7 @@ def read_curves(run_dir: str | Path, *, metric: str = "val_loss", name: Optional
                 prev_time = float(t)
         elif r.get("kind") == "val" and r.get(metric) is not None:
             c.val[step] = float(r[metric])
-            c.last = {k: v for k, v in r.items() if k.startswith("val_") and isinstance(v, (int, float))}
+            c.last = {k: v for k, v in r.items() if k not in ("step", "time") and isinstance(v, (int, float))}
             c.last["step"] = step
     if not c.train and not c.val:
         raise PlotError(f"{run_dir / METRICS_FILE} has no loss records yet (missing or empty). Train first: "

@@ -26,7 +26,7 @@ def _run(path: Path, losses: list[float], *, step_time: float, tokens_per_step: 
         recs.append({"kind": "train", "step": step, "time": t, "loss": loss, "tokens_seen": step * tokens_per_step,
                      "step_time_s": step_time})
         if step in val:
-            recs.append({"kind": "val", "step": step, "time": t + 1, "val_loss": val[step], "val_accuracy": 0.5})
+            recs.append({"kind": "val", "step": step, "time": t + 1, "val_loss": val[step], "accuracy": 0.5})
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
@@ -55,11 +55,11 @@ def test_report_compares_runs_by_step_tokens_and_wall_time(tmp_path):
     assert one.read_bytes() != pngs["step"]
 
     # another validation metric, legend labels, through the CLI
-    proc = run_cli(["report", str(a), str(b), "--metric", "val_accuracy", "--label", "GPT", "--label", "LSTM",
+    proc = run_cli(["report", str(a), str(b), "--metric", "accuracy", "--label", "GPT", "--label", "LSTM",
                     "--x", "tokens", "--output", str(tmp_path / "acc.png")])
     lines = proc.stdout.strip().splitlines()
     assert [json.loads(line)["run"] for line in lines[:2]] == ["GPT", "LSTM"]
-    assert json.loads(lines[0])["val_accuracy"] == 0.5
+    assert json.loads(lines[0])["accuracy"] == 0.5
     assert Path(lines[-1]).read_bytes()[:8] == PNG
 
 

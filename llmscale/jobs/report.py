@@ -1,10 +1,10 @@
 """``llmscale report RUN_DIR [RUN_DIR ...] --output PNG``: several runs' loss curves on the same axes.
 
     llmscale report runs/gpt_gutenberg runs/lstm_gutenberg --x time --output docs/lm.png
-    llmscale report runs/sst2_* --metric val_accuracy --label pretrained --label scratch ...
+    llmscale report runs/sst2_bert_s1 runs/sst2_scratch_s1 --metric accuracy --label pretrained --label scratch
 
 ``--x step|tokens|time`` (wall minutes of training); ``--metric`` is the validation record's field to draw
-(``val_loss`` by default; a fine-tune run also has ``val_accuracy``, ``val_f1``, ...). Prints one JSON line
+(``val_loss`` by default; a classification fine-tune also has ``accuracy``, ``f1``, ``mcc``, ...). Prints one JSON line
 per run with its last figures (:func:`llmscale.plots.compare_runs`).
 """
 from __future__ import annotations
