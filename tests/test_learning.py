@@ -77,8 +77,8 @@ def test_bert_masked_lm_and_next_sentence_beat_their_baselines(tmp_path, tiny_be
     m = read_manifest(data)
     run_dir = tmp_path / "run"
     run_cli(["train", str(ROOT / "configs" / "bert_tiny.yaml"), f"run_dir={run_dir}", f"data.path={data}",
-             "data.seq_len=64", "model.max_seq_len=64", "train.steps=300", "train.log_every=50", "train.eval_every=300",
-             "optim.warmup_steps=30", "optim.lr=2e-3", "optim.min_lr=2e-4", "parallel.micro_batch_size=32",
+             "data.seq_len=64", "model.max_seq_len=64", "train.steps=600", "train.log_every=50", "train.eval_every=600",
+             "optim.warmup_steps=60", "optim.lr=2e-3", "optim.min_lr=2e-4", "parallel.micro_batch_size=32",
              "parallel.global_batch_size=32"], nproc=1, timeout=900)
 
     # unigram baseline: always predict the most frequent token of the training split
