@@ -12,6 +12,7 @@ times what their steps took counts as just what the steps took).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -42,8 +43,8 @@ class Curves:
         known = sorted(table)
         out = []
         for s in steps:  # validation records carry no tokens/time of their own: the last train record's
-            prev = [k for k in known if k <= s]
-            out.append(table[prev[-1]] if prev else 0.0)
+            i = bisect.bisect_right(known, s)
+            out.append(table[known[i - 1]] if i else 0.0)
         return out
 
 
@@ -52,7 +53,7 @@ def read_curves(run_dir: str | Path, *, metric: str = "val_loss", name: Optional
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     c = Curves(name=name or run_dir.resolve().name)
-    minutes, prev_time = 0.0, None
+    minutes, prev_time, prev_step = 0.0, None, None
     for r in records:
         step = r.get("step")
         if step is None:
@@ -66,12 +67,11 @@ def read_curves(run_dir: str | Path, *, metric: str = "val_loss", name: Optional
                 if prev_time is not None:
                     gap = float(t) - prev_time
                     # a gap far longer than the steps it covers is a stop (preemption, crash) or a long eval
-                    prev_step = max((k for k in c.minutes if k < step), default=None)
-                    steps = step - prev_step if prev_step is not None else 1
+                    steps = step - prev_step if prev_step is not None and step > prev_step else 1
                     expected = steps * float(r.get("step_time_s") or gap)
                     minutes += (gap if gap <= 10 * expected else expected) / 60
                 c.minutes[step] = minutes
-                prev_time = float(t)
+                prev_time, prev_step = float(t), step
         elif r.get("kind") == "val" and r.get(metric) is not None:
             c.val[step] = float(r[metric])
             c.last = {k: v for k, v in r.items() if k not in ("step", "time") and isinstance(v, (int, float))}
