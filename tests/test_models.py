@@ -105,7 +105,8 @@ def test_loss_at_init_is_ln_vocab(name):
         out = model(ids, labels=labels)
     assert abs(out.loss.item() - math.log(V)) < 0.3, (out.loss.item(), math.log(V))
     assert out.num_targets.item() == ids.numel()
-    assert out.logits.shape == (4, 32, V)
+    # a BERT with labels decodes only the labelled rows, (N, V); here every position is labelled
+    assert out.logits.shape == ((4 * 32, V) if model.config.family == "bert" else (4, 32, V))
 
 
 def test_ignored_labels_and_nsp_loss():
@@ -116,7 +117,11 @@ def test_ignored_labels_and_nsp_loss():
     nsl = torch.tensor([0, 1, 0])
     out = model(ids, token_type_ids=types, attention_mask=mask, labels=labels, next_sentence_label=nsl)
     assert out.num_targets.item() == 3
-    expect_mlm = F.cross_entropy(out.logits[:, 3].float(), ids[:, 3])
+    # only the 3 masked rows are decoded, and they are the full decode's rows at those positions
+    full = model(ids, token_type_ids=types, attention_mask=mask).logits  # (B, T, V)
+    assert out.logits.shape == (3, full.size(-1))
+    torch.testing.assert_close(out.logits, full[:, 3], rtol=0, atol=1e-5)
+    expect_mlm = F.cross_entropy(full[:, 3].float(), ids[:, 3])
     torch.testing.assert_close(out.mlm_loss, expect_mlm)
     torch.testing.assert_close(out.nsp_loss, F.cross_entropy(out.nsp_logits, nsl))
     torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)
