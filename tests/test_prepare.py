@@ -67,6 +67,17 @@ def test_shakespeare_gpt_dataset(tmp_path, corpus_path, tok):
     assert verify_dataset(out) == []
 
 
+def test_sentencepiece_space_symbol_in_a_document_is_kept(tmp_path, tok):
+    # U+2581 is SentencePiece's own mark for a space: a document holding it must come back with it, not " "
+    docs = ["SentencePiece writes \u2581 for a space: a\u2581b.\n", "plain document\n", "\u2581\u2581 twice \u2581\n"]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(d, encoding="utf-8")
+    prepare_dataset([tmp_path / f"{i}.txt" for i in range(3)], tmp_path / "ds", tokenizer=tok, seq_len=8,
+                    val_fraction=0.3, doc_split="file")
+    decoded = [tok.decode(r[:-1]) for r, _ in rows(tmp_path / "ds", "train") + rows(tmp_path / "ds", "val")]
+    assert sorted(decoded) == sorted(docs)
+
+
 def test_split_is_deterministic_and_independent_of_num_proc(tmp_path, corpus_path, tok):
     kw = dict(tokenizer=tok, doc_split="paragraph", val_fraction=0.05, seq_len=64)
     a = prepare_dataset([corpus_path], tmp_path / "a", num_proc=1, **kw)

@@ -35,6 +35,7 @@ def _random_texts(seed: int, n: int) -> list[str]:
         "\n", "\r\n", "\r", "\t", " ", "  ", "   ", "\u3000", "\xa0", "\x00", "\x01", "\x1b", "\x7f",
         "the", "King", "Ｆｕｌｌ", "ﬁ", "é", "e\u0301", "😀", "👩‍👩‍👧", "中文", "你好，世界。", "ß", "İ",
         "\ufeff", "\u200b", "\U0010fffd", "ℌ", "①", "'", '"', "…", "—", "\ufffd",
+        *META_SYMBOLS,
     ]
     out = []
     for _ in range(n):
@@ -54,11 +55,19 @@ def _random_texts(seed: int, n: int) -> list[str]:
     return out
 
 
+# SentencePiece's own symbols written as text: its whitespace mark U+2581 (decoded as a space unless spelled
+# with bytes), the unknown mark U+2047 it prints for <unk>, byte-piece and control-piece names.
+META_SYMBOLS = [
+    "\u2581", "\u2581\u2581", " \u2581 ", "a\u2581b", "\u2581lead", "trail\u2581", "\u2581\n\u2581", "\u2047", " \u2047 ",
+    "<0x41>", "<0xE2><0x96><0x81>", "<unk>", "<s>", "</s>", "<pad>", "<cls>", "<sep>", "<mask>", "\u2581<unk>\u2581",
+]
+
 EDGE_CASES = [
     "", " ", "  ", "\n", "\n\n\n", "\t", " \t \n", "  leading spaces", "trailing spaces   ", "a  b   c    d",
     "line one\nline two\r\nline three\rend", "tabs\tbetween\t\twords", "\n  indented\n\tand tabbed\n",
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n", "中文和English混合 text。",
     "emoji 😀 and flags 🇫🇷", "null\x00byte", "\x01\x02\x03 control", "ＡＢＣ full width", "ligature ﬁ",
+    *META_SYMBOLS, "SentencePiece writes \u2581 for a space: 'a\u2581b' is not 'a b'",
 ]
 
 
@@ -173,3 +182,22 @@ def test_cli_train_and_missing_input(tmp_path, corpus_path):
                    "--vocab-size", "400"], check=False)
     assert bad.returncode == 1
     assert "missing.txt does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sentencepiece_meta_symbols_round_trip_in_every_model_type(tmp_path, corpus_path, bpe):
+    uni = train_tokenizer([corpus_path], tmp_path / "uni", vocab_size=500, model_type="unigram", sample_bytes=300_000)
+    char = train_tokenizer([corpus_path], tmp_path / "char", model_type="char")
+    texts = META_SYMBOLS + [f"x{m}y {m} z" for m in META_SYMBOLS]
+    for tok in (bpe, uni, char):
+        bad = [t for t in texts if tok.decode(tok.encode(t)) != t]
+        assert not bad, f"{tok.model_type}: {bad!r} do not round-trip"
+        # U+2581 is its three UTF-8 byte pieces, never SentencePiece's space piece
+        ids = tok.encode("a\u2581b")
+        assert [tok.id_to_piece(i) for i in ids[1:4]] == ["<0xE2>", "<0x96>", "<0x81>"]
+        # the batch paths (lists, and the numpy arrays prepare writes) give the same ids
+        assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+        arrays = tok.encode_batch(texts, out_type="numpy")
+        assert [a.tolist() for a in arrays] == [tok.encode(t) for t in texts]
+    # text without U+2581 is encoded exactly as SentencePiece encodes it
+    plain = "First Citizen:\nBefore we proceed any further, hear me speak.  \u2047 <s>"
+    assert bpe.encode(plain) == bpe.sp.encode(plain)

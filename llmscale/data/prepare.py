@@ -402,7 +402,6 @@ def _tokenize_into(
     docs = iter_document_records(files, text_field=text_field, doc_split=doc_split, doc_chars=doc_chars,
                                  max_doc_chars=max_doc_chars, stats=stats, files=files)
     batches = _background(_batches(docs, batch_chars=batch_chars, key=key, bert=bert))
-    sp = tok.sp
     held: Optional[tuple] = None
     n_docs = 0  # documents (not rows: a long document is several rows)
     last_split = "train"
@@ -418,7 +417,7 @@ def _tokenize_into(
 
     for b in progress(batches, desc="prepare", unit="batch"):
         flat = [seg for segs in b.segments for seg in segs]
-        enc = sp.encode(flat, out_type="numpy", num_threads=num_proc)
+        enc = tok.encode_batch(flat, out_type="numpy", num_threads=num_proc)
         per_doc, i = [], 0
         for segs in b.segments:
             k = len(segs)

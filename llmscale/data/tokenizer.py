@@ -8,7 +8,8 @@ Lossless: SentencePiece by default normalises text (NFKC), drops runs of spaces 
 prefix space. Here normalisation is ``identity``, extra whitespace is kept, no dummy prefix, and
 every character the vocabulary lacks (rare CJK, emoji, control characters) is spelled with the 256
 byte pieces (``byte_fallback``), so decode(encode(t)) == t for newlines, tabs, runs of spaces and
-everything else. Training sees documents with their newlines (cut at line ends into pieces of at
+everything else, SentencePiece's own whitespace symbol U+2581 included (spelled with its byte pieces,
+since SentencePiece would decode it as a space). Training sees documents with their newlines (cut at line ends into pieces of at
 most ``max_sentence_bytes``), so ``\\n`` is an ordinary piece, not a byte.
 
 Fixed ids: pad=0 ``<pad>``, unk=1 ``<unk>``, bos=2 ``<s>``, eos=3 ``</s>``, cls=4 ``<cls>``,
@@ -33,6 +34,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from llmscale.errors import TokenizerError
 from llmscale.log import get_logger, progress
 
@@ -48,6 +51,8 @@ NUM_SPECIAL = len(SPECIAL_IDS)
 NUM_BYTES = 256
 MODEL_TYPES = ("bpe", "unigram", "char")
 DEFAULT_SAMPLE_BYTES = 64 << 20
+# SentencePiece's whitespace meta symbol (U+2581): in text it is spelled with byte pieces (see encode).
+META_SPACE = "\u2581"
 
 
 
@@ -66,6 +71,7 @@ class Tokenizer:
         meta_path = self.path.parent / META_FILE
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         self.model_type = meta.get("model_type", "unknown")
+        self._meta_ids: Optional[list[int]] = None
         for name, i in SPECIAL_IDS.items():
             piece = self.sp.id_to_piece(i)
             if piece != SPECIAL_TOKENS[name]:
@@ -101,10 +107,35 @@ class Tokenizer:
         return dict(SPECIAL_IDS)
 
     def encode(self, text: str) -> list[int]:
+        if META_SPACE in text:
+            return self._encode_with_meta(text)
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
-        return self.sp.encode(list(texts), num_threads=num_threads)
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1,
+                     out_type: str = "list") -> list:
+        """ids of each text: lists of ints, or int32 numpy arrays with ``out_type="numpy"`` (prepare's path)."""
+        texts = list(texts)
+        numpy = out_type == "numpy"
+        out = self.sp.encode(texts, num_threads=num_threads, **({"out_type": "numpy"} if numpy else {}))
+        for i, t in enumerate(texts):
+            if META_SPACE in t:  # rare: the few texts holding U+2581 are re-encoded one by one
+                ids = self._encode_with_meta(t)
+                out[i] = np.asarray(ids, dtype=np.int32) if numpy else ids
+        return out
+
+    def _encode_with_meta(self, text: str) -> list[int]:
+        # SentencePiece writes a space as U+2581 internally and decodes every U+2581 back to a space, so a
+        # literal U+2581 in the text would come back as " ". Spell it with its three UTF-8 byte pieces
+        # instead (the byte decoder yields the character itself); the text between is encoded as usual.
+        if self._meta_ids is None:
+            self._meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
+        out: list[int] = []
+        for k, part in enumerate(text.split(META_SPACE)):
+            if k:
+                out.extend(self._meta_ids)
+            if part:
+                out.extend(self.sp.encode(part))
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
