@@ -395,6 +395,14 @@ def test_bench_model_reports_throughput(tmp_path):
         assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12, rel=1e-2,
                                                      abs=1e-4)
         assert math.isfinite(r["loss"])
+        # the same-run limit: the achieved rate over the measured square-matmul rate (a ratio, not a timing
+        # threshold: on a shared machine either side may be disturbed)
+        achieved = r["flops_per_token"] * r["tokens_per_s"] / 1e12  # unrounded
+        assert r["of_measured_matmul"] == pytest.approx(achieved / res["measured_matmul"]["tflops"], rel=2e-2, abs=1e-4)
+        assert r["of_measured_matmul"] > 0
+    mm = res["measured_matmul"]
+    assert mm["dtype"] == "float32" and mm["n"] == 2048
+    assert mm["tflops"] == pytest.approx(2 * mm["n"] ** 3 / mm["time_s_median"] / 1e12, rel=1e-2)
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and bench.peak_tflops("NVIDIA H200") == 989.4
     with pytest.raises(ConfigError, match="unknown preset"):

@@ -5,7 +5,10 @@ For each preset: tokens per second of a training step without the optimizer (for
 backward), the achieved TFLOP/s using the model's own ``flops_per_token(seq_len)`` (6 x matmul weights +
 full-matrix attention, see :mod:`llmscale.models.flops`) and, on a CUDA GPU, the model FLOPs utilisation
 (MFU) against the GPU's dense bf16 peak (:data:`llmscale.metrics.BF16_PEAK_FLOPS`, matched on the device name; override
-with ``peak_tflops_override`` / ``--peak-tflops``).
+with ``peak_tflops_override`` / ``--peak-tflops``). On every device, also the limit measured in the same run: the
+FLOP/s of one large square matmul in the benchmark's dtype (:func:`matmul_tflops`), and each preset's achieved
+FLOP/s as a fraction of it (``of_measured_matmul``). A datasheet peak says what the chip could do; the measured
+matmul says what this machine, its BLAS / cuBLAS, clocks and neighbours give right now.
 
 Defaults: on a GPU gpt2-124m (T=1024), gpt2-350m and llama-1b (T=2048) in bf16 autocast with the flash
 SDPA kernel; on a CPU the tiny presets and gpt2-124m at T=128 in fp32. The vocabulary is each preset's
@@ -44,6 +47,35 @@ def peak_tflops(device_name: str) -> Optional[float]:
     return peak / 1e12 if peak is not None else None
 
 
+def matmul_tflops(device: torch.device, dtype: str, *, n: Optional[int] = None, repeats: Optional[int] = None) -> dict:
+    """TFLOP/s of ``C = A @ B`` for square (n, n) matrices in ``dtype`` (fp32, or bf16 on a GPU): 2 n^3 FLOPs per
+    product, the median of ``repeats`` timed products after two untimed ones. The same-run limit the
+    presets' achieved FLOP/s are compared with."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    repeats = repeats or (20 if device.type == "cuda" else 5)
+    tdtype = torch.bfloat16 if dtype == "bf16" and device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=tdtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=tdtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        a @ b
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"n": n, "dtype": str(tdtype).replace("torch.", ""), "repeats": repeats,
+            "time_s_median": round(t, 6), "tflops": round(2 * n**3 / t / 1e12, 4)}
+
+
 def _batch(family: str, B: int, T: int, vocab: int, device, gen: torch.Generator) -> dict:
     ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)
     if family != "bert":
@@ -66,6 +98,7 @@ def bench_preset(
     compile: bool = False,
     activation_checkpointing: bool = False,
     peak: Optional[float] = None,
+    measured: Optional[float] = None,
 ) -> dict:
     from llmscale.config import ModelConfig, from_dict
     from llmscale.models import build_model
@@ -131,12 +164,14 @@ def bench_preset(
         "step_time_s_median": round(step_s, 6), "step_time_s_all": [round(t, 6) for t in times],
         "tokens_per_s": round(tok_s, 1), "tokens_per_s_best_step": round(tokens / min(times), 1),
         "flops_per_token": fpt, "achieved_tflops": round(tflops, 4),
-        "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None, "loss": round(loss, 4),
+        "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None,
+        "of_measured_matmul": round(tflops / measured, 4) if measured else None, "loss": round(loss, 4),
         "activation_checkpointing": activation_checkpointing, "compile": compile,
     }
     if device.type == "cuda":
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    log.info("%s: %.0f tokens/s, %.3f TFLOP/s%s", preset, tok_s, tflops,
+    log.info("%s: %.0f tokens/s, %.3f TFLOP/s%s%s", preset, tok_s, tflops,
+             f", {tflops / measured:.1%} of the measured matmul" if measured else "",
              f", MFU {tflops / peak:.1%}" if peak else "")
     model = fwd = data = None  # free the weights and batch (step() holds them too) before the next preset
     if device.type == "cuda":
@@ -180,6 +215,8 @@ def run(
     peak = peak_tflops_override or (peak_tflops(name) if dev.type == "cuda" else None)
     if dev.type == "cuda" and dtype != "bf16" and peak_tflops_override is None:
         peak = None  # the table holds bf16 peaks only
+    limit = matmul_tflops(dev, dtype)
+    log.info("measured matmul limit: %.3f TFLOP/s (%s, n=%d)", limit["tflops"], limit["dtype"], limit["n"])
     results = []
     for p in presets:
         T, B = defaults.get(p, (256, 4))
@@ -187,7 +224,7 @@ def run(
         try:
             results.append(bench_preset(p, seq_len=T, batch=B, steps=steps, warmup=warmup, device=dev, dtype=dtype,
                                         sdpa=sdpa, compile=compile, activation_checkpointing=activation_checkpointing,
-                                        peak=peak))
+                                        peak=peak, measured=limit["tflops"]))
         except RuntimeError as e:  # out of memory, no SDPA kernel for this shape...: record, go on
             if dev.type != "cuda":
                 raise
@@ -203,5 +240,6 @@ def run(
                    "threads": torch.get_num_threads(), "cuda": torch.version.cuda,
                    "load_average_1m_at_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()},
         "dtype": dtype, "sdpa": sdpa if dev.type == "cuda" else "default",
+        "measured_matmul": limit,
         "results": results,
     }
