@@ -88,6 +88,48 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
+# Warnings every launch printed that say nothing to an llmscale user (issue: "silence what is known noise"). Each is
+# matched on its exact text, so a new or different warning from the same place still shows.
+_KNOWN_NOISE = (
+    # llmscale hands DeepSpeed its own torch AdamW on purpose (zero_allow_untested_optimizer); the engine
+    # equivalence tests check it under every ZeRO stage.
+    ("DeepSpeed", "You are using ZeRO with an untested optimizer"),
+    # torch.utils.cpp_extension at import on a machine with a CUDA toolkit but no GPU: DeepSpeed imports it even
+    # on its CPU accelerator, where no CUDA op is built.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+)
+
+
+class _DropKnownNoise:
+    """A logging filter that drops the records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        msg = str(record.msg).lstrip("* ")
+        return not any(msg.startswith(p) for p in self.prefixes)
+
+
+def quiet_known_noise() -> None:
+    """Install the filters (once: calling again adds nothing), before DeepSpeed is imported (its first warning
+    comes at import)."""
+    import logging
+    import warnings
+
+    by_logger: dict[str, list[str]] = {}
+    for name, prefix in _KNOWN_NOISE:
+        by_logger.setdefault(name, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(tuple(prefixes)))
+    # DeepSpeed's ZeRO calls torch.distributed.all_gather_into_tensor, which torch 2.10+ marks deprecated: a
+    # FutureWarning on every rank at the first gather, about DeepSpeed's code, not the user's.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def build_deepspeed_config(cfg: Any, plan: BatchPlan) -> dict:
     """The DeepSpeed JSON for ``cfg`` (a RunConfig), generated — never hand-written.
 
@@ -600,6 +642,7 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan,
     ``loss_over``: ``"micro_batch"`` (pretraining: fixed-length windows, each micro-batch's mean weighs the
     same) or ``"step_targets"`` (fine-tuning: every target of the optimizer step weighs the same, whatever
     the micro-batch split; not with a pipeline)."""
+    quiet_known_noise()
     import deepspeed
 
     if loss_over not in ("micro_batch", "step_targets"):

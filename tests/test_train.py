@@ -67,6 +67,9 @@ def test_train_gpt_two_processes(gpt_data, tmp_path):
                    timeout=600)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 40 and summary["tokens_seen"] == 40 * 16 * 64 and summary["samples_seen"] == 640
+    # DeepSpeed's known noise on every CPU launch is silenced (ZeRO-1 with llmscale's AdamW printed both before)
+    out = proc.stdout + proc.stderr
+    assert "untested optimizer" not in out and "all_gather_into_tensor` is deprecated" not in out
 
     recs = _records(run_dir)
     train = [r for r in recs if r["kind"] == "train"]
@@ -254,3 +257,23 @@ def test_quickstart_end_to_end(tmp_path):
     sample = (tmp_path / "qs" / "sample.txt").read_text()
     assert sample.startswith("ROMEO:\n") and len(sample) > len("ROMEO:\n")
     assert (tmp_path / "qs" / "run" / "final" / "model.pt").is_file()
+
+
+def test_known_noise_filter_drops_only_what_it_names():
+    import logging
+
+    from llmscale.engine import quiet_known_noise
+
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: one filter per logger
+    for name in ("DeepSpeed", "torch.utils.cpp_extension"):
+        assert len(logging.getLogger(name).filters) == 1
+
+    def passes(name: str, msg: str) -> bool:
+        rec = logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+        return all(f.filter(rec) for f in logging.getLogger(name).filters)
+
+    assert not passes("DeepSpeed", "**** You are using ZeRO with an untested optimizer, proceed with caution *****")
+    assert not passes("torch.utils.cpp_extension", "No CUDA runtime is found, using CUDA_HOME='%s'")
+    assert passes("DeepSpeed", "**** Some other DeepSpeed warning *****")  # anything else still shows
+    assert passes("torch.utils.cpp_extension", "Error building extension")
