@@ -8,6 +8,8 @@ The run directory (``run_dir`` of the config) holds::
     RUN_DIR/tb/                      TensorBoard events                  (TB_DIR)
     RUN_DIR/checkpoints/             sharded checkpoints                 (CHECKPOINTS; see llmscale.checkpoint)
     RUN_DIR/final/model.pt           consolidated weights at the end     (FINAL_DIR / FINAL_WEIGHTS)
+    RUN_DIR/PREEMPTED                present while the run stopped on a preemption signal after saving
+                                     (PREEMPTED_FILE; see mark_preempted)
 
 :func:`load_model` accepts every kind of model source a job is pointed at and returns a
 :class:`LoadedModel` (model in eval mode, tokenizer, configs):
@@ -52,6 +54,37 @@ __all__ = ["CHECKPOINTS", "CONFIG_FILE", "FINAL_DIR", "FINAL_WEIGHTS", "METRICS_
 
 
 # --------------------------------------------------------------------------- the run directory
+
+
+PREEMPTED_FILE = "PREEMPTED"
+# Also written to the file this variable names, when set: how launch/torchrun.sh and launch/accelerate.sh learn
+# that the ranks stopped for preemption, since torchrun and accelerate turn a rank's exit code 75 into their own 1.
+PREEMPTED_ENV = "LLMSCALE_PREEMPTED_FILE"
+
+
+def mark_preempted(run_dir: str | Path, *, step: int) -> list[Path]:
+    """The durable sign that the run saved on a preemption signal and wants to be run again (exit code 75 is
+    not passed through by torchrun or accelerate). Every rank writes it, atomically and with the same content,
+    before it leaves the training loop: whichever rank exits first, the sign is already there when the launcher
+    looks. Returns the paths written."""
+    from llmscale.files import atomic_write_text
+    from llmscale.signals import EXIT_REQUEUE
+
+    text = json.dumps({"step": int(step), "exit_code": EXIT_REQUEUE,
+                       "meaning": "saved on a preemption signal: run the same command again to resume"}) + "\n"
+    paths = [Path(run_dir) / PREEMPTED_FILE]
+    extra = os.environ.get(PREEMPTED_ENV)
+    if extra:
+        paths.append(Path(extra))
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, text)
+    return paths
+
+
+def clear_preempted(run_dir: str | Path) -> None:
+    """Remove RUN_DIR/PREEMPTED (a run that starts again is no longer preempted)."""
+    (Path(run_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
 
 
 def final_weights_path(run_dir: str | Path) -> Path:

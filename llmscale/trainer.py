@@ -192,6 +192,11 @@ class Trainer:
                                               no_resume=self.no_resume)
             if resumed is not None:
                 log.info("resumed at step %d (%d tokens seen)", self.state.step, self.state.tokens_seen)
+        run_dir = getattr(self.cfg, "run_dir", None)
+        if run_dir and self.world.rank == 0:
+            from llmscale.artifacts import clear_preempted
+
+            clear_preempted(run_dir)
         self.metrics.total_steps = total
         self.metrics.begin(self.state.step)
         if self.state.step >= total:
@@ -254,6 +259,10 @@ class Trainer:
             t_last = time.perf_counter()  # eval and checkpoint time is not step time
             if stop:
                 log.warning("stop requested: saved at step %d; re-run the same command to resume", step)
+                if run_dir:
+                    from llmscale.artifacts import mark_preempted
+
+                    mark_preempted(run_dir, step=step)
                 stopped = True
                 break
             if early:

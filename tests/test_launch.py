@@ -165,6 +165,80 @@ def test_launcher_trains_two_ranks(launcher, tiny_gpt_dataset, tiny_config, tmp_
     assert (run_dir / "final" / "model.pt").is_file()
 
 
+def _wait_for(pred, timeout: float, what: str, proc=None):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the launcher exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _train_records(run_dir) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return [r for r in out if r.get("kind") == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,target", [("torchrun.sh", "rank1"), ("accelerate.sh", "launcher")])
+def test_launcher_preemption_exits_75_and_resumes(launcher, target, tiny_gpt_dataset, tiny_config, tmp_path):
+    """Preemption through the real launcher, as a new user meets it: SIGUSR1 to rank 1 (or to the launcher
+    script) -> every rank saves -> the launcher exits 75 (not torchrun's 1), RUN_DIR/PREEMPTED says so; the same
+    command again resumes from that checkpoint and finishes."""
+    import signal
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", dataset=tiny_gpt_dataset, run_dir=run_dir, steps=300,
+                      checkpoint={"every_steps": 0})
+    cmd = ["bash", str(ROOT / "launch" / launcher), str(cfg), "train.log_every=1"]
+    env = cpu_env({"NPROC": "2", "PYTHON": sys.executable})
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                         start_new_session=True)
+    try:
+        _wait_for(lambda: len(_train_records(run_dir)) >= 3, 240, "training to start", p)
+        if target == "launcher":
+            p.send_signal(signal.SIGUSR1)
+        else:
+            ranks = [c for c in psutil.Process(p.pid).children(recursive=True)
+                     if "llmscale" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
+            assert len(ranks) == 1, [c.cmdline() for c in psutil.Process(p.pid).children(recursive=True)]
+            ranks[0].send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:  # stop what this test started, by pid: the launcher and every process under it
+            for c in psutil.Process(p.pid).children(recursive=True):
+                c.kill()
+            p.kill()
+    assert p.returncode == 75, out[-8000:]
+    marker = json.loads((run_dir / "PREEMPTED").read_text())
+    step = marker["step"]
+    assert 3 <= step < 300 and marker["exit_code"] == 75
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{step:06d}"  # saved at that step
+    assert "exit 75" in out
+    if target == "launcher":
+        return
+    # the same command again: resumes at the saved step, clears the marker, finishes with 0
+    q = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert q.returncode == 0, (q.stdout + q.stderr)[-8000:]
+    assert f"resumed at step {step}" in q.stdout + q.stderr
+    assert not (run_dir / "PREEMPTED").exists()
+    assert _train_records(run_dir)[-1]["step"] == 300
+
+
 def test_launcher_without_config_explains_usage():
     p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh")], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "launch/torchrun.sh CONFIG" in p.stdout
