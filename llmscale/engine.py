@@ -331,7 +331,7 @@ class Engine:
             g["lr"] = lr
         return lr
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
+    def train_step(self, micro_batches: list[dict], *, poison: bool = False) -> StepResult:
         """One optimizer step over this rank's ``grad_accum_steps`` micro-batches.
 
         timings (seconds): ``forward`` / ``backward`` are the summed model passes (backward includes the
@@ -340,7 +340,10 @@ class Engine:
         collectives (non-finite flag, loss average); with ``deepspeed.wall_clock_breakdown`` DeepSpeed's
         gradient all-reduce timer is moved from ``backward`` to ``comm``. With a pipeline the 1F1B schedule
         interleaves all of these and ``forward`` holds the whole ``train_batch`` time (DeepSpeed 0.19.8's
-        pipeline timers crash, so they are not used). ``data`` is left at 0 for the caller to fill in."""
+        pipeline timers crash, so they are not used). ``data`` is left at 0 for the caller to fill in.
+
+        ``poison`` (tests only, :data:`llmscale.trainer.POISON_ENV`): multiply this step's loss by NaN before the
+        backward, as a corrupt batch or an overflow would, to drive the real skip / rollback path."""
         if len(micro_batches) != self.plan.grad_accum_steps:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches, the plan has "
                              f"grad_accum_steps={self.plan.grad_accum_steps}.")
@@ -350,9 +353,11 @@ class Engine:
         skipped_before = int(self.ds.skipped_steps)
         t = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "comm": 0.0}
         if self.pipeline:
+            if poison:
+                raise ValueError("poison (a test hook) is not supported with a pipeline")
             loss = self._pipe_step(micro_batches, t)
         else:
-            loss = self._plain_step(micro_batches, t)
+            loss = self._plain_step(micro_batches, t, poison=poison)
         skipped = self._ctl.skipped or int(self.ds.skipped_steps) > skipped_before
         grad_norm = self._ctl.grad_norm if self._ctl.manage else self.ds.get_global_grad_norm()
         if grad_norm is not None:
@@ -381,7 +386,7 @@ class Engine:
             dist.all_reduce(n, group=self._dp_group())
         return n
 
-    def _plain_step(self, micro_batches: list[dict], t: dict) -> float:
+    def _plain_step(self, micro_batches: list[dict], t: dict, *, poison: bool = False) -> float:
         """Micro-batch losses averaged (``loss_over="micro_batch"``: each micro-batch's mean counts the same),
         or (``"step_targets"``) each micro-batch's summed loss divided by the targets of the whole step, so
         micro 4 x accumulation 1, micro 1 x accumulation 4 and DP 2 give the same gradients on variable-length
@@ -401,6 +406,8 @@ class Engine:
             t0 = time.perf_counter()
             out = ds(ids, **kwargs)
             loss = out.loss if hasattr(out, "loss") else out
+            if poison:
+                loss = loss * float("nan")
             if by_targets:
                 n_i = (mb["labels"] != -100).sum().to(self.device, torch.float32)
                 summed = loss * n_i  # the models' mean is 0 (not NaN) for a micro-batch without targets

@@ -20,6 +20,7 @@ larger one on ``train.eval_batches`` micro-batches per rank, always the same one
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +129,18 @@ class _Window:
             self.timings[k] = self.timings.get(k, 0.0) + v
 
 
+# Test hook: comma-separated loader positions (optimizer steps of the data stream, 0-based) whose batches are
+# "poisoned" (the loss becomes NaN before the backward), to drive the real skip -> rollback path end to end.
+# Keyed on the loader's position, like a corrupt batch: after a rollback the loader keeps its position, so the
+# poisoned batches are not met again.
+POISON_ENV = "LLMSCALE_TEST_NAN_BATCHES"
+
+
+def _poisoned_positions() -> frozenset[int]:
+    raw = os.environ.get(POISON_ENV, "").strip()
+    return frozenset(int(x) for x in raw.split(",") if x.strip()) if raw else frozenset()
+
+
 class Trainer:
     """Runs ``cfg.train.steps`` optimizer steps of ``engine`` on ``loader``'s batches (see module doc).
 
@@ -167,6 +180,7 @@ class Trainer:
         self.validate = validate
         self.best = best
         self.tokens_in = tokens_in
+        self._poisoned = _poisoned_positions()
 
     # ---- what a checkpoint holds besides the engine
     def stateful(self) -> dict[str, Any]:
@@ -210,9 +224,14 @@ class Trainer:
         t_last = time.perf_counter()
         while self.state.step < total:
             t0 = time.perf_counter()
+            position = getattr(self.loader, "step", None) if self._poisoned else None
             micro_batches = self.loader.next_step()
             t_data = time.perf_counter() - t0
-            result = self.engine.train_step(micro_batches)
+            if position in self._poisoned:
+                log.warning("test hook %s: batches at loader position %d poisoned (NaN loss)", POISON_ENV, position)
+                result = self.engine.train_step(micro_batches, poison=True)
+            else:
+                result = self.engine.train_step(micro_batches)
             result.timings["data"] = t_data
             self.state.step += 1
             self.state.samples_seen += self.global_batch

@@ -277,3 +277,30 @@ def test_known_noise_filter_drops_only_what_it_names():
     assert not passes("torch.utils.cpp_extension", "No CUDA runtime is found, using CUDA_HOME='%s'")
     assert passes("DeepSpeed", "**** Some other DeepSpeed warning *****")  # anything else still shows
     assert passes("torch.utils.cpp_extension", "Error building extension")
+
+
+@pytest.mark.slow
+def test_real_trainer_skips_poisoned_batches_then_rolls_back(gpt_data, tmp_path):
+    """The real `llmscale train` on 2 ranks: batches at loader positions 11 and 12 give a NaN loss (test hook):
+    both updates are skipped on every rank, the second bad step in a row (train.max_bad_steps=2) rolls the run back
+    to the step-10 checkpoint, the loader keeps its place so those batches are not met again, and the run
+    finishes its 20 steps with finite losses."""
+    run_dir = tmp_path / "run"
+    overrides = _gpt_overrides(gpt_data, run_dir, **{
+        "train.steps": 20, "train.log_every": 1, "train.eval_every": 0, "train.max_bad_steps": 2,
+        "checkpoint.every_steps": 10, "checkpoint.keep_last": 2})
+    proc = run_cli(["train", str(ROOT / "configs" / "quickstart.yaml"), *overrides], nproc=2, timeout=600,
+                   env={"LLMSCALE_TEST_NAN_BATCHES": "11,12"})
+    out = proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 20 and summary["samples_seen"] == 20 * 16  # counters restored by the rollback
+    assert out.count("poisoned (NaN loss)") == 2  # positions 11 and 12 (rank 0 logs)
+    assert "rolled back to step-000010" in out
+    train = [r for r in _records(run_dir) if r["kind"] == "train"]
+    steps = [r["step"] for r in train]
+    # steps 1..13 (12 and 13 skipped), then 11..20 again after the rollback to step 10
+    assert steps == list(range(1, 14)) + list(range(11, 21)), steps
+    skipped = {r["step"]: r["skipped_steps"] for r in train[:13]}
+    assert skipped[12] == 1 and skipped[13] == 1 and sum(skipped.values()) == 2
+    assert all(math.isfinite(r["loss"]) for r in train[13:]) and train[-1]["skipped_steps"] == 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000020"
