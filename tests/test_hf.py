@@ -165,7 +165,11 @@ def test_exported_logits_match_transformers(name, exported):
     model, folder = exported[name]
     cfg = model.config
     assert hf_architecture(cfg) == ARCH[name]
-    assert json.loads((folder / "config.json").read_text())["architectures"] == [ARCH[name]]
+    written = json.loads((folder / "config.json").read_text())
+    assert written["architectures"] == [ARCH[name]]
+    if ARCH[name] == "LlamaForCausalLM":
+        # the RoPE base where transformers 5 reads it and where 4.x reads it (else 4.x silently uses 10000)
+        assert written["rope_parameters"]["rope_theta"] == written["rope_theta"] == float(cfg.rope_theta)
     assert not list(folder.glob("*.bin")) and (folder / "model.safetensors").is_file()
     hf, info = _hf_class(cfg).from_pretrained(str(folder), output_loading_info=True)
     hf.eval()

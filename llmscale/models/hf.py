@@ -485,6 +485,12 @@ def _write_folder(tmp: Path, tensors: dict[str, torch.Tensor], model_cfg, arch: 
     if dtype is not None:
         hf_cfg.dtype = str(dtype).replace("torch.", "")
     hf_cfg.save_pretrained(tmp)
+    if arch == "LlamaForCausalLM":
+        # transformers 5 keeps the RoPE base under rope_parameters; 4.x reads the top-level rope_theta and would
+        # silently fall back to 10000 without it. Write both, so every version in the supported range agrees.
+        written = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        written.setdefault("rope_theta", float(model_cfg.rope_theta))
+        _write_json(tmp / "config.json", written)
     if model_cfg.family == "gpt":
         from transformers import GenerationConfig
 
