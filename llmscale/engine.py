@@ -130,6 +130,27 @@ def quiet_known_noise() -> None:
                             category=FutureWarning)
 
 
+def use_one_ninja() -> None:
+    """Make every launch of this environment build DeepSpeed's ops with the same ``ninja``.
+
+    DeepSpeed JIT-builds its CPU shared-memory op (``deepspeed_shm_comm``, at ``deepspeed.init_distributed``) into
+    one cache folder with whichever ``ninja`` is first on PATH. The venv's ninja (PyPI, 1.13) and a system one
+    (Debian, 1.11) log different command hashes there, so a launch that finds the other one than the last launch
+    did rebuilds the op from scratch: measured here, every launch alternated between the two (the venv's bin on
+    PATH or not) and recompiled, 25-60 s on 2 idle cores. Putting the interpreter's own bin folder first when it
+    holds a ninja (as activating the venv would) makes the second and later launches reuse the build."""
+    import shutil
+    import sys
+
+    here = os.path.dirname(sys.executable)
+    own = os.path.join(here, "ninja")
+    if not (os.path.isfile(own) and os.access(own, os.X_OK)):
+        return
+    found = shutil.which("ninja")
+    if found is None or os.path.realpath(found) != os.path.realpath(own):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+
+
 def build_deepspeed_config(cfg: Any, plan: BatchPlan) -> dict:
     """The DeepSpeed JSON for ``cfg`` (a RunConfig), generated — never hand-written.
 
@@ -650,6 +671,7 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan,
     same) or ``"step_targets"`` (fine-tuning: every target of the optimizer step weighs the same, whatever
     the micro-batch split; not with a pipeline)."""
     quiet_known_noise()
+    use_one_ninja()
     import deepspeed
 
     if loss_over not in ("micro_batch", "step_targets"):

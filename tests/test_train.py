@@ -304,3 +304,25 @@ def test_real_trainer_skips_poisoned_batches_then_rolls_back(gpt_data, tmp_path)
     assert skipped[12] == 1 and skipped[13] == 1 and sum(skipped.values()) == 2
     assert all(math.isfinite(r["loss"]) for r in train[13:]) and train[-1]["skipped_steps"] == 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000020"
+
+
+def test_deepspeed_ops_build_with_the_environments_own_ninja(monkeypatch):
+    """Two ninjas (the venv's and the system's) made every other launch rebuild DeepSpeed's shm op; the engine
+    puts the interpreter's own ninja first on PATH before DeepSpeed builds anything."""
+    import os
+    import shutil
+    import sys
+
+    from llmscale.engine import use_one_ninja
+
+    own = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if not os.path.isfile(own):
+        pytest.skip("this interpreter's environment has no ninja of its own (nothing to prefer)")
+    others = [d for d in os.environ["PATH"].split(os.pathsep) if d and os.path.realpath(d) !=
+              os.path.realpath(os.path.dirname(sys.executable))]
+    monkeypatch.setenv("PATH", os.pathsep.join(others))  # as a shell without the venv activated
+    use_one_ninja()
+    assert os.path.realpath(shutil.which("ninja")) == os.path.realpath(own)
+    before = os.environ["PATH"]
+    use_one_ninja()  # already first: PATH is left alone
+    assert os.environ["PATH"] == before
