@@ -58,8 +58,9 @@ def _random_texts(seed: int, n: int) -> list[str]:
 # SentencePiece's own symbols written as text: its whitespace mark U+2581 (decoded as a space unless spelled
 # with bytes), the unknown mark U+2047 it prints for <unk>, byte-piece and control-piece names.
 META_SYMBOLS = [
-    "\u2581", "\u2581\u2581", " \u2581 ", "a\u2581b", "\u2581lead", "trail\u2581", "\u2581\n\u2581", "\u2047", " \u2047 ",
-    "<0x41>", "<0xE2><0x96><0x81>", "<unk>", "<s>", "</s>", "<pad>", "<cls>", "<sep>", "<mask>", "\u2581<unk>\u2581",
+    "\u2581", "\u2581\u2581", " \u2581 ", "a\u2581b", "\u2581lead", "trail\u2581", "\u2581\n\u2581",
+    "\u2047", " \u2047 ", "<0x41>", "<0xE2><0x96><0x81>", "<unk>", "<s>", "</s>", "<pad>", "<cls>", "<sep>",
+    "<mask>", "\u2581<unk>\u2581",
 ]
 
 EDGE_CASES = [

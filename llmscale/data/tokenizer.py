@@ -9,8 +9,8 @@ prefix space. Here normalisation is ``identity``, extra whitespace is kept, no d
 every character the vocabulary lacks (rare CJK, emoji, control characters) is spelled with the 256
 byte pieces (``byte_fallback``), so decode(encode(t)) == t for newlines, tabs, runs of spaces and
 everything else, SentencePiece's own whitespace symbol U+2581 included (spelled with its byte pieces,
-since SentencePiece would decode it as a space). Training sees documents with their newlines (cut at line ends into pieces of at
-most ``max_sentence_bytes``), so ``\\n`` is an ordinary piece, not a byte.
+since SentencePiece would decode it as a space). Training sees documents with their newlines (cut at line
+ends into pieces of at most ``max_sentence_bytes``), so ``\\n`` is an ordinary piece, not a byte.
 
 Fixed ids: pad=0 ``<pad>``, unk=1 ``<unk>``, bos=2 ``<s>``, eos=3 ``</s>``, cls=4 ``<cls>``,
 sep=5 ``<sep>``, mask=6 ``<mask>``, then the 256 byte pieces, then the learned pieces. The special
