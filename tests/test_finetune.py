@@ -192,6 +192,12 @@ def test_bad_input_is_refused_with_the_fix(tokenizer_dir, task, tmp_path):
     assert p.returncode == 1 and "does not exist" in p.stderr
     p = run_cli(_ft_args(tmp_path / "d", "scratch", task, **base, **{"parallel.pipeline_parallel": 2}), check=False)
     assert p.returncode == 2 and "pipeline_parallel=1" in p.stderr
+    # a max_len beyond the model's positions is refused before any text is tokenized, naming both and the fix
+    bert = {"init.tokenizer": tokenizer_dir, "model.preset": "bert-tiny-cpu", "model.max_seq_len": 32,
+            "classify.max_len": 64}
+    p = run_cli(_ft_args(tmp_path / "e", "scratch", task, **bert), check=False)
+    assert p.returncode == 2 and "classify.max_len=64 exceeds the model's max_seq_len=32" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
 
 
 def _sft_pairs(path: Path, n: int, seed: int) -> Path:

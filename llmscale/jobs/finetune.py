@@ -173,6 +173,7 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
         if not world.is_main:
             lm, model_cfg, tok, tok_dir = _initial_model(cfg)
         cfg.model = model_cfg
+        _check_max_len(cfg, model_cfg)  # before the (possibly long) tokenization of the data
         labels = clf_cfg = train_f = val_f = None
         if cfg.task == "classify":
             train_f, val_f, labels = _features(cfg, tok, model_cfg.family)
@@ -201,6 +202,22 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
                     final_weights=final_weights)
     finally:
         ldist.shutdown()
+
+
+def _check_max_len(cfg: Any, model_cfg: Any) -> None:
+    """classify.max_len / sft.max_len must fit the model's positions (a BERT pretrained at 128 has 128)."""
+    from llmscale.errors import ConfigError
+
+    key = {"classify": "classify.max_len", "sft": "sft.max_len"}.get(cfg.task)
+    if key is None or model_cfg.family in ("lstm", "bilstm"):
+        return
+    max_len = cfg.classify.max_len if cfg.task == "classify" else cfg.sft.max_len
+    if max_len > model_cfg.max_seq_len:
+        hint = " (classify.truncation head_tail keeps the start and the end)" if cfg.task == "classify" else ""
+        raise ConfigError(
+            f"{key}={max_len} exceeds the model's max_seq_len={model_cfg.max_seq_len} (init.from={cfg.init.from_} "
+            f"has that many positions). Set {key}={model_cfg.max_seq_len}{hint}, or start from a model built "
+            f"with more positions.")
 
 
 def _fit(cfg: Any, *, world: Any, plan: Any, lm: Any, model_cfg: Any, tok: Any, tok_dir: Any, train_f: Any,
