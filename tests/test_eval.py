@@ -141,15 +141,19 @@ def test_perplexity_equals_plain_loops_and_a_smaller_stride_is_no_worse(gpt_fold
     with torch.no_grad():
         assert one["nats"] == pytest.approx(_nats_plain(loaded.model, stream, 64), rel=1e-6)
     # More context per token helps a trained model, on a text long enough (3,400 tokens) for it to show. Not a law
-    # for any model: this tiny one scores stride 1 (every token at the window's last position) a little worse.
+    # for any model: this tiny one scores stride 1 (every token at the window's last position) a little worse, and
+    # stride 48 (a quarter of the tokens re-scored with more context) moved either way of the disjoint figure
+    # between CI runs (83.25 against 82.29 once), so the claim is made where the effect is large: stride 16, three
+    # quarters of every window re-scored with 48+ tokens of context.
     long = tmp_path / "long.txt"
     long.write_text(CORPUS.read_text(encoding="utf-8")[-6000:], encoding="utf-8")
     cfg = _config(tmp_path / "l.yaml", model=str(gpt_folder), tasks=["perplexity"], output_dir=str(tmp_path / "o"),
                   perplexity={"files": [str(long)], "context": 64})
     disjoint = _run_eval(cfg, [], world_size=1)["tasks"]["perplexity"]
-    for stride in (48, 32, 16):
+    for stride in (48, 16):
         smaller = _run_eval(cfg, [f"perplexity.stride={stride}"], world_size=1)["tasks"]["perplexity"]
-        assert smaller["perplexity"] <= disjoint["perplexity"] and smaller["tokens"] == disjoint["tokens"], stride
+        assert smaller["tokens"] == disjoint["tokens"], stride  # every token scored once, whatever the stride
+    assert smaller["perplexity"] <= disjoint["perplexity"], (smaller["perplexity"], disjoint["perplexity"])
 
 
 @pytest.mark.parametrize("stride", [63, 24])
