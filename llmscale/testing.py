@@ -10,6 +10,7 @@ A failure on any rank raises :class:`DistributedTestError` carrying that rank's 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,20 @@ def run_cli(
             f"--- stderr ---\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def metrics_records(run_dir: str | Path, kind: Optional[str] = None) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl`` (only those of ``kind`` when given); [] before the file exists. A
+    last line still being written by a running job is left out; a bad line anywhere else raises."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    lines = [line for line in f.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return [r for r in out if kind is None or r.get("kind") == kind]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmscale.dist import World, _first_host, discover_world
-from llmscale.testing import cpu_env
+from llmscale.testing import cpu_env, metrics_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,19 +178,6 @@ def _wait_for(pred, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _train_records(run_dir) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return [r for r in out if r.get("kind") == "train"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,target", [("torchrun.sh", "rank1"), ("accelerate.sh", "launcher")])
 def test_launcher_preemption_exits_75_and_resumes(launcher, target, tiny_gpt_dataset, tiny_config, tmp_path):
@@ -209,7 +196,7 @@ def test_launcher_preemption_exits_75_and_resumes(launcher, target, tiny_gpt_dat
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                          start_new_session=True)
     try:
-        _wait_for(lambda: len(_train_records(run_dir)) >= 3, 240, "training to start", p)
+        _wait_for(lambda: len(metrics_records(run_dir, "train")) >= 3, 240, "training to start", p)
         if target == "launcher":
             p.send_signal(signal.SIGUSR1)
         else:
@@ -236,7 +223,7 @@ def test_launcher_preemption_exits_75_and_resumes(launcher, target, tiny_gpt_dat
     assert q.returncode == 0, (q.stdout + q.stderr)[-8000:]
     assert f"resumed at step {step}" in q.stdout + q.stderr
     assert not (run_dir / "PREEMPTED").exists()
-    assert _train_records(run_dir)[-1]["step"] == 300
+    assert metrics_records(run_dir, "train")[-1]["step"] == 300
 
 
 def test_launcher_without_config_explains_usage():

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from llmscale.testing import run_cli
+from llmscale.testing import metrics_records, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+_records = metrics_records
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ SlurmUser=root) and the binaries; CI installs them (`apt-get install slurm-wlm m
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+
+from llmscale.testing import metrics_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
@@ -299,10 +300,7 @@ _CPU_JOB = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per
 
 
 def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.exists():
-        return []
-    return [r for r in map(json.loads, f.read_text().splitlines()) if r.get("kind") == kind]
+    return metrics_records(run_dir, kind)
 
 
 STEPS = 300  # enough that a preemption signal lands mid-run; a step takes ~0.03 s on one CPU

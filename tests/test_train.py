@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from llmscale.config import RunConfig, load_config
-from llmscale.testing import run_cli
+from llmscale.testing import metrics_records, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith(("finetune_", "eval_")))
@@ -26,8 +26,7 @@ TRAIN_FIELDS = {
 VAL_FIELDS = {"kind", "step", "val_loss", "val_ppl", "val_bpb", "val_tokens"}
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+_records = metrics_records
 
 
 @pytest.fixture(scope="module")
