@@ -105,3 +105,77 @@ def test_trainer_resumes_tp_or_pp_2_on_1_and_exports_consolidated(gpt_data, refe
     for step in range(1, 7):
         assert losses[step] == pytest.approx(reference[step], rel=2e-4), (step, losses[step], reference[step])
     assert read_manifest(run / "checkpoints" / "step-000006")["layout"]["tp"] == 1
+
+
+# ------------------------------------------------------------------ every direction, chained through the real trainer
+#
+# Each chain trains 2 steps per leg on a new layout, resuming from the previous leg's checkpoint. The loss of every
+# step must follow the uninterrupted 1-process run (the data order and the Adam state came through), and the
+# checkpoints of every layout must export to the same weights at the same step.
+
+Z = "parallel.zero_stage"
+TP, PP, MB = "parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.micro_batch_size"
+CHAINS = {
+    # ZeRO-1: TP 1->2, TP2 -> PP2, PP2 -> TP2xPP2, TP2xPP2 -> DP4
+    "zero1": [(1, {Z: 1}), (2, {Z: 1, TP: 2}), (2, {Z: 1, PP: 2}), (4, {Z: 1, TP: 2, PP: 2}), (4, {Z: 1, MB: 2})],
+    # ZeRO-0 (llmscale's own conversion and load): PP 1->2, PP2 -> 1, TP 1->2, ZeRO-0 TP2 -> ZeRO-1 DP2
+    "zero0": [(1, {Z: 0}), (2, {Z: 0, PP: 2}), (1, {Z: 0}), (2, {Z: 0, TP: 2}), (2, {Z: 1})],
+    # ZeRO-2 DP 1->2, ZeRO-2 DP2 -> ZeRO-3 DP1, ZeRO-3 DP 1->2, ZeRO-3 DP2 -> ZeRO-0 DP1
+    "zero23": [(1, {Z: 2}), (2, {Z: 2}), (1, {Z: 3}), (2, {Z: 3}), (1, {Z: 0})],
+}
+RESHARD_TOLERANCE = 2e-4  # relative, per step: float sums in another order on another layout
+
+
+@pytest.fixture(scope="module")
+def long_reference(gpt_data, tmp_path_factory) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("reshard-ref10") / "run"
+    _train(gpt_data, run, 10)
+    return _losses(run)
+
+
+@pytest.fixture(scope="module")
+def chains(gpt_data, long_reference, tmp_path_factory) -> dict[str, Path]:
+    """Every chain of CHAINS run to step 10 (2 steps a leg); returns its run directory."""
+    out = {}
+    for name, legs in CHAINS.items():
+        run = tmp_path_factory.mktemp(f"chain-{name}") / "run"
+        for i, (nproc, over) in enumerate(legs):
+            _train(gpt_data, run, 2 * (i + 1), nproc=nproc, **{"checkpoint.keep_last": 10, **over})
+        out[name] = run
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_reshard_chain_follows_the_uninterrupted_run(chains, long_reference, name):
+    run = chains[name]
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 11))  # every step once: each leg resumed where the last one saved
+    for step in range(1, 11):
+        assert losses[step] == pytest.approx(long_reference[step], rel=RESHARD_TOLERANCE), (
+            name, step, losses[step], long_reference[step])
+    for i, (_nproc, over) in enumerate(CHAINS[name]):
+        lay = read_manifest(run / "checkpoints" / f"step-{2 * (i + 1):06d}")["layout"]
+        assert (lay["zero_stage"], lay["tp"], lay["pp"]) == (over[Z], over.get(TP, 1), over.get(PP, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [4, 6, 8])
+def test_every_layout_exports_the_same_weights(chains, tmp_path, step):
+    """At one step the three chains sit on three different layouts (ZeRO-3 and ZeRO-0 tensor/pipeline parallel
+    among them): `llmscale export` of each gives the same model."""
+    import torch
+
+    from llmscale.artifacts import load_model
+    from llmscale.testing import run_cli
+
+    got = {}
+    for name, run in chains.items():
+        run_cli(["export", str(run / "checkpoints" / f"step-{step:06d}"), str(tmp_path / name)])
+        got[name] = load_model(tmp_path / name).model.state_dict()
+    first, *rest = sorted(got)
+    for other in rest:
+        assert set(got[other]) == set(got[first])
+        for k in got[first]:
+            torch.testing.assert_close(got[other][k].float(), got[first][k].float(), rtol=1e-4, atol=1e-5,
+                                       msg=f"{other} vs {first} at step {step}: {k}")

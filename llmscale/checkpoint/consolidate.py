@@ -39,9 +39,15 @@ def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:
         sd = _load_tensors(ckpt / ENGINE_DIR / "mp_rank_00_model_states.pt")
         return {k: v.detach().float() for k, v in sd["module"].items()}
     uni = convert_to_universal(ckpt)
-    meta = _load_tensors(uni / "mp_rank_00_model_states.pt") if (uni / "mp_rank_00_model_states.pt").is_file() else {}
+    # the model-states file: mp_rank_00_... (ZeRO 0-2), zero_pp_rank_0_mp_rank_00_... (ZeRO-3)
+    candidates = [uni / "mp_rank_00_model_states.pt", *sorted(uni.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))]
+    metas = [f for f in candidates if f.is_file()]
+    meta = _load_tensors(metas[0]) if metas else {}
     info = meta.get("universal_checkpoint_info", {}) if isinstance(meta, dict) else {}
     names: dict[str, str] = info.get("llmscale_param_names") or {}
+    shapes: dict[str, Any] = {}
+    for group in (meta.get("param_shapes") or []) if isinstance(meta, dict) else []:
+        shapes.update(group)
     out: dict[str, torch.Tensor] = {}
     for d in sorted((uni / "zero").iterdir()):
         f = d / "fp32.pt"
@@ -49,6 +55,9 @@ def consolidated_state_dict(ckpt: Path, m: dict) -> dict[str, torch.Tensor]:
             continue
         param = _load_tensors(f)
         t = param["param"] if isinstance(param, dict) else param
+        shape = shapes.get(d.name)
+        if shape is not None and t.dim() == 1 and len(shape) > 1 and t.numel() == torch.Size(shape).numel():
+            t = t.view(shape)  # ZeRO-3 keeps every parameter flat
         out.setdefault(names.get(d.name, d.name), t.detach().float())
     return out
 

@@ -120,30 +120,34 @@ def apply_tensor_parallel(model: nn.Module, *, rank: int, size: int, group: Any)
         raise LayoutError(f"{type(model).__name__} has no tp_plan(); use parallel.tensor_parallel=1.")
     compiled = [(re.compile(k), v) for k, v in plan.items()]
     kinds: dict[str, str] = {}
-    if size > 1:
-        targets = []
-        for name, mod in model.named_modules():
-            hits = {v for rx, v in compiled if rx.fullmatch(name)}
-            if not hits:
-                continue
-            if len(hits) > 1 or not isinstance(mod, nn.Linear):
-                raise LayoutError(f"tp_plan() of {type(model).__name__} matches {name!r} ambiguously "
-                                  f"or not an nn.Linear.")
-            targets.append((name, hits.pop()))
-        if not targets:
-            raise LayoutError(f"tp_plan() of {type(model).__name__} matched no nn.Linear module.")
-        for name, kind in targets:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            full = getattr(parent, attr)
+    # the split each parameter WOULD have is recorded on every degree, tp=1 included: a checkpoint's
+    # universal conversion cuts row-parallel weights along dim 1 only if it knows them (a tp=1 checkpoint
+    # grown to tp=2 was sliced along dim 0 when everything was recorded as replicated)
+    targets = []
+    for name, mod in model.named_modules():
+        hits = {v for rx, v in compiled if rx.fullmatch(name)}
+        if not hits:
+            continue
+        if len(hits) > 1 or not isinstance(mod, nn.Linear):
+            raise LayoutError(f"tp_plan() of {type(model).__name__} matches {name!r} ambiguously "
+                              f"or not an nn.Linear.")
+        kind = hits.pop()
+        if kind not in ("column", "row"):
+            raise LayoutError(f"tp_plan() of {type(model).__name__}: {name!r} -> {kind!r}; "
+                              f"expected 'column' or 'row'.")
+        targets.append((name, kind))
+    if plan and not targets:
+        raise LayoutError(f"tp_plan() of {type(model).__name__} matched no nn.Linear module.")
+    for name, kind in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        full = getattr(parent, attr)
+        if size > 1:
             cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
-            if kind not in ("column", "row"):
-                raise LayoutError(f"tp_plan() of {type(model).__name__}: {name!r} -> {kind!r}; "
-                                  f"expected 'column' or 'row'.")
             setattr(parent, attr, cls(full, rank=rank, size=size, group=group))
-            kinds[f"{name}.weight"] = kind
-            if full.bias is not None:
-                kinds[f"{name}.bias"] = "column" if kind == "column" else "replicated"
+        kinds[f"{name}.weight"] = kind
+        if full.bias is not None:
+            kinds[f"{name}.bias"] = "column" if kind == "column" else "replicated"
     for name, _ in model.named_parameters():
         kinds.setdefault(name, "replicated")
     return kinds
