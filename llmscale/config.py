@@ -248,8 +248,15 @@ class TrainConfig:
     nan_policy: Literal["skip", "raise"] = doc(
         "skip", "On a non-finite loss or grad norm: skip the step on every rank, or stop.")
     max_bad_steps: int = doc(3, "Roll back to the last checkpoint after this many bad steps in a row (0 = never).")
+    wait_timeout_s: float = doc(
+        600.0, "Longest a rank waits for the others inside a checkpoint save, a resume (rank 0's conversion of a "
+        "checkpoint of another layout included: `llmscale ckpt convert` does it beforehand) or an evaluation "
+        "batch. Past it the rank names what it waited for and exits 1, instead of hanging until the process "
+        "group's timeout (30 min). 0 = no bound.")
 
     def validate(self) -> None:
+        if self.wait_timeout_s < 0:
+            raise ConfigError(f"train.wait_timeout_s must be >= 0 (0 = no bound), got {self.wait_timeout_s}.")
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}.")
         if self.log_every < 1:

@@ -4,18 +4,23 @@ There is no module-level process-group state: code receives a :class:`World` and
 collectives, the default process group that :func:`init_distributed` created.
 
 Also here: the small collectives every module needs (:func:`barrier`, :func:`broadcast_object`,
-:func:`all_gather_object`, :func:`any_rank`; no-ops without a process group) and :func:`free_port`.
+:func:`all_gather_object`, :func:`any_rank`; no-ops without a process group), :func:`deadline` (a bounded,
+named wait for the other ranks) and :func:`free_port`.
 What does not live here: the parallel layout's process groups (:mod:`llmscale.parallel.topology`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
 import re
 import subprocess
+import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -195,6 +200,44 @@ def any_rank(flag: bool, group=None) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+EXIT_WAIT_TIMEOUT = 1  # what a rank exits with when a bounded wait for the others expires (a failure, not a requeue)
+DEFAULT_WAIT_S = 600.0
+
+
+@contextlib.contextmanager
+def deadline(what: str, seconds: Optional[float] = DEFAULT_WAIT_S) -> Iterator[None]:
+    """Bound a section in which this rank waits for the others (collectives, DeepSpeed's barriers).
+
+    If it has not finished after ``seconds``, the process writes one line naming ``what`` it was waiting for
+    and exits with :data:`EXIT_WAIT_TIMEOUT`, instead of sitting in a collective until the process group's
+    timeout (30 minutes by default, forever on some paths). Nothing is unwound: the other ranks may hold the
+    same collective, so cleaning up could hang too; what a save leaves behind is a ``.tmp-`` folder that is
+    never taken for a checkpoint. ``seconds`` of 0 or None: no bound. Without a process group: no bound."""
+    if not seconds or seconds <= 0 or not _group_ready() or dist.get_world_size() == 1:
+        yield
+        return
+    t0 = time.monotonic()
+
+    def expire() -> None:
+        msg = (f"rank {dist.get_rank()}: gave up after {time.monotonic() - t0:.0f}s waiting for the other ranks: "
+               f"{what}. A rank died, hangs or failed there (see its own log above); exiting with code "
+               f"{EXIT_WAIT_TIMEOUT} instead of waiting for the process-group timeout. The bound is "
+               f"train.wait_timeout_s ({seconds:g}s).")
+        try:
+            sys.stderr.write(f"llmscale: error: {msg}\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(EXIT_WAIT_TIMEOUT)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 # --------------------------------------------------------------------------- local ranks (benchmarks, tests)

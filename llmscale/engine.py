@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmscale import dist as ldist
 from llmscale.checkpoint.safe_load import restrict_checkpoint_engine, restricted_torch_in
 from llmscale.errors import LayoutError, NonFiniteError
 from llmscale.log import get_logger
@@ -315,6 +316,7 @@ class Engine:
         self.ds_config = ds_config
         self.pipeline = layout.pp > 1
         self.precision = resolve_precision(cfg.train.precision)
+        self.group_hparams: list[dict] = []  # per optimizer group, what the config decides (set by build_engine)
 
     # ---- layout
     @property
@@ -477,6 +479,15 @@ class Engine:
         """``(loss_sum, num_targets)`` of one evaluation micro-batch per data-parallel rank, **summed over the
         data-parallel ranks** (the same two numbers on every rank): the caller adds these up over batches and
         divides. Every rank must call it with its own batch (all ranks of a pipeline with the same one)."""
+        with ldist.deadline("evaluation: the other ranks' loss sums of one batch", self.wait_s):
+            return self._eval_loss(batch)
+
+    @property
+    def wait_s(self) -> float:
+        """train.wait_timeout_s: the bound on this engine's waits for the other ranks."""
+        return float(getattr(getattr(self.cfg, "train", None), "wait_timeout_s", ldist.DEFAULT_WAIT_S))
+
+    def _eval_loss(self, batch: dict) -> tuple[float, int]:
         labels = batch["labels"]
         n_local = torch.tensor(float((labels != -100).sum()), device=self.device)
         if self.pipeline:
@@ -525,7 +536,8 @@ class Engine:
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the data-parallel ranks in place (a no-op on one); returns it."""
         if self.layout.dp > 1:
-            dist.all_reduce(t, group=self._dp_group())
+            with ldist.deadline("the other data-parallel ranks' sums (evaluation or fine-tuning counts)", self.wait_s):
+                dist.all_reduce(t, group=self._dp_group())
         return t
 
     # ---- checkpoints
@@ -558,41 +570,142 @@ class Engine:
                                 "zero_stage": self.layout.zero_stage},
             "llmscale_param_names": dict(self._name_map),
             "llmscale_tp_kinds": dict(self.tp_kinds),
+            "llmscale_tp_rank": self.layout.tp_rank,
+            # ZeRO-0 keeps torch's optimizer state, indexed by position: the DeepSpeed names in that order let
+            # llmscale convert such a checkpoint to the universal format (DeepSpeed's converter needs ZeRO shards)
+            "llmscale_optimizer_params": self._optimizer_param_order() if self.layout.zero_stage == 0 else None,
         }
 
-    def save(self, tag_dir: str | os.PathLike, client_state: dict, *, write_file: Optional[Any] = None) -> None:
+    def _optimizer_param_order(self) -> list[list[str]]:
+        names = {id(p): n for n, p in self.ds.module.named_parameters()}
+        return [[names[id(p)] for p in g["params"]] for g in self.ds.optimizer.param_groups]
+
+    def save(self, tag_dir: str | os.PathLike, client_state: dict, *, write_file: Optional[Any] = None,
+             before_file: Optional[Any] = None) -> None:
         """DeepSpeed ``save_checkpoint`` into ``tag_dir`` (its parent is the save dir, its name the tag).
         Every rank must call it. ``client_state`` gains ``universal_checkpoint_info``. ``write_file(state_dict,
         path)``, when given, receives each file DeepSpeed would ``torch.save`` instead (through its checkpoint
-        engine, DeepSpeed's extension point for checkpoint IO; an asynchronous save snapshots them)."""
+        engine, DeepSpeed's extension point for checkpoint IO; an asynchronous save snapshots them).
+        ``before_file()`` runs before each file (the test hook of a rank failing inside DeepSpeed's save)."""
         tag_dir = Path(tag_dir)
         state = dict(client_state)
         state["universal_checkpoint_info"] = self.universal_checkpoint_info()
         ce = self.ds.checkpoint_engine
-        if write_file is not None:
-            ce.save = write_file
+        hooked = write_file is not None or before_file is not None
+        if hooked:
+            inner = write_file or type(ce).save.__get__(ce)
+
+            def save_file(state_dict: Any, path: str) -> Any:
+                if before_file is not None:
+                    before_file()
+                return inner(state_dict, path)
+
+            ce.save = save_file
         try:
             self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=state, save_latest=False)
         finally:
-            if write_file is not None:
+            if hooked:
                 del ce.save  # back to the engine's own (class) method
 
-    def load(self, tag_dir: str | os.PathLike, *, universal: bool = False) -> dict:
+    def load(self, tag_dir: str | os.PathLike, *, universal: bool = False, read_file: Optional[Any] = None) -> dict:
         """Restore model, optimizer and DeepSpeed counters from ``tag_dir``; returns the saved client state.
         ``universal``: ``tag_dir`` is a universal (layout-free) checkpoint folder, named as this engine names
-        its parameters (see :func:`llmscale.checkpoint.universal.universal_view`)."""
+        its parameters (see :func:`llmscale.checkpoint.universal.universal_view`). ``read_file(path,
+        map_location)``, when given, reads each file DeepSpeed asks its checkpoint engine for (for this call
+        only; :class:`llmscale.checkpoint.store.VerifiedReader` hashes what it reads)."""
         tag_dir = Path(tag_dir)
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(tag_dir)!r} does not exist.")
+        if universal and self.layout.zero_stage == 0:
+            return self._load_universal_zero0(tag_dir)
         # universal loads read with a bare torch.load inside DeepSpeed: restricted there for this call only
         scope = restricted_torch_in() if universal else contextlib.nullcontext()
-        with _deepspeed_loads_universal(self.ds, universal), scope:
-            path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+        ce = self.ds.checkpoint_engine
+        before = ce.load
+        if read_file is not None:
+            ce.load = lambda path, map_location=None: read_file(path, map_location)
+        try:
+            with _deepspeed_loads_universal(self.ds, universal), scope:
+                path, client_state = self.ds.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                             load_optimizer_states=True,
+                                                             load_lr_scheduler_states=False)
+        finally:
+            ce.load = before
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(tag_dir)!r} "
                                     f"(layout {self.layout.describe()}).")
+        if universal:
+            self._restore_group_hparams()
         return dict(client_state or {})
+
+    def _restore_group_hparams(self) -> None:
+        """Repairs after a universal load, for two DeepSpeed 0.19.8 ZeRO-3 slips
+        (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3): it copies the FIRST saved group's
+        hyperparameters onto every group (the no-decay group came back with weight decay), and it gives every
+        group the SAME ``step`` tensor, which AdamW then increments once per group and step (the bias
+        correction ran ahead: the loss left the uninterrupted run from the second step after a resume). The
+        groups' hyperparameters are the config's (lr is set every step); each group gets its own step."""
+        groups = self.ds.optimizer.param_groups
+        if len(groups) != len(self.group_hparams):
+            raise RuntimeError(f"optimizer has {len(groups)} groups after the load, {len(self.group_hparams)} built")
+        for g, want in zip(groups, self.group_hparams):
+            g.update(want)
+        base = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for st in base.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+    def _load_universal_zero0(self, folder: Path) -> dict:
+        """A universal folder into a ZeRO-0 engine, which DeepSpeed 0.19.8 does not do (its universal load needs
+        a ZeRO optimizer; with ZeRO-0 it restores neither the weights nor the moments): each parameter, its Adam
+        moments and step from zero/NAME/*.pt, cut to this rank's tensor-parallel slice; the counters and the
+        client state from the model-states file."""
+        from llmscale.checkpoint.safe_load import restricted_load
+        from llmscale.checkpoint.universal import read_universal_param
+
+        if self.precision == "fp16":
+            raise LayoutError("a ZeRO-0 fp16 run cannot load a checkpoint of another layout (DeepSpeed's fp16 "
+                              "optimizer keeps its own master copy). Resume with parallel.zero_stage=1.")
+        metas = [folder / "mp_rank_00_model_states.pt"] + sorted(folder.glob("*model_states.pt"))
+        meta = restricted_load(next(f for f in metas if f.is_file()), map_location="cpu")
+        opt = self.ds.optimizer
+        # the Adam step: per parameter (zero/NAME/step.pt) from ZeRO 0-2, in zero/optimizer_state.pt from ZeRO-3
+        saved_step = None
+        if (folder / "zero" / "optimizer_state.pt").is_file():
+            osd = restricted_load(folder / "zero" / "optimizer_state.pt", map_location="cpu")
+            try:
+                saved_step = float(osd["optimizer_state_dict"]["state"][0]["step"])
+            except (KeyError, TypeError, IndexError):
+                saved_step = None
+        steps = set()
+        with torch.no_grad():
+            for name, p in self.ds.module.named_parameters():
+                full = self._name_map.get(name, name)
+                kind = self.tp_kinds.get(full, "replicated")
+                states = read_universal_param(folder / "zero" / name, kind=kind, rank=self.layout.tp_rank,
+                                              size=self.layout.tp, shape=tuple(p.shape))
+                p.copy_(states.pop("fp32").to(p.dtype))
+                if "step" in states:
+                    steps.add(float(states.pop("step")))
+                if p.requires_grad and states:
+                    st = opt.state[p]
+                    for k, v in states.items():
+                        st[k] = v.to(device=p.device, dtype=torch.float32).clone()
+                    step = max(steps) if steps else saved_step
+                    if step is None:
+                        raise LayoutError(f"universal checkpoint {folder} records no optimizer step for {full}.")
+                    st["step"] = torch.tensor(step)
+        if len(steps) > 1:
+            raise RuntimeError(f"universal checkpoint {folder}: parameters disagree on the optimizer step {steps}")
+        self.ds.global_steps = int(meta["global_steps"])
+        self.ds.global_samples = int(meta.get("global_samples", self.ds.global_steps * self.ds.train_batch_size()))
+        self.ds.skipped_steps = int(meta.get("skipped_steps", 0))
+        self._restore_group_hparams()
+        skip = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+                "global_steps", "global_samples", "dp_world_size", "mp_world_size", "checkpoint_parallel_dimensions",
+                "ds_config", "ds_version"}
+        return {k: v for k, v in meta.items() if k not in skip}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The consolidated single-device state dict (``model.state_dict()`` names of the unsplit model, CPU
@@ -749,5 +862,7 @@ def build_engine(cfg: Any, model: nn.Module, *, world: Any, plan: RunPlan,
     log.info("engine: %s, micro-batch %d x %d accumulation x dp %d = global batch %d, precision %s",
              layout.describe(), batch.micro_batch_size, batch.grad_accum_steps, batch.dp_size,
              batch.global_batch_size, precision)
-    return Engine(cfg=cfg, ds=ds, layout=layout, plan=batch, topo=topo, ctl=ctl, model=model, kinds=kinds,
-                  name_map=name_map, pipe_loss=pipe_loss, ds_config=ds_config, loss_over=loss_over)
+    engine = Engine(cfg=cfg, ds=ds, layout=layout, plan=batch, topo=topo, ctl=ctl, model=model, kinds=kinds,
+                    name_map=name_map, pipe_loss=pipe_loss, ds_config=ds_config, loss_over=loss_over)
+    engine.group_hparams = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    return engine

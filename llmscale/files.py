@@ -30,6 +30,23 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_mapped(path: str | Path, size: int) -> str:
+    """sha256 of ``path``, read by mapping it: the kernel's read-ahead overlaps the disk with the hash (a cold
+    read costs about the hash alone), and the pages stay in the page cache for a reader that maps them next
+    (``torch.load(mmap=True)``), so the file is read from the disk once. ``size``: the size it must have
+    (the manifest's); another size raises OSError before anything is hashed."""
+    import mmap
+
+    with open(path, "rb") as f:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            raise OSError(f"{path}: {actual} bytes, the manifest lists {size} (truncated or overwritten)")
+        if size == 0:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return hashlib.sha256(mm).hexdigest()
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new entry in ``path`` durable (best effort: some filesystems refuse)."""
     try:
@@ -119,13 +136,16 @@ def escapes(rel: str) -> bool:
 def verify_listed_files(root: str | Path, files: dict[str, dict], *, checksums: bool = True,
                         shard: tuple[int, int] = (0, 1), scan: Optional[Iterable[str]] = ("",),
                         allowed: Callable[[str], bool] = lambda rel: False,
-                        manifest_name: str = "manifest.json") -> list[str]:
+                        manifest_name: str = "manifest.json",
+                        deferred: Callable[[str], bool] = lambda rel: False) -> list[str]:
     """Problems of folder ``root`` against ``files`` (``{relative path: {"size", "sha256"}}``); empty = sound.
 
     * a listed path that is absolute or contains ``..`` is refused (never opened);
     * a listed file must exist with its size, and (``checksums``) its sha256;
     * files present below the folders in ``scan`` (relative; ``""`` = all of ``root``) but not listed are
-      reported, except ``manifest_name`` and those for which ``allowed(rel)`` is true.
+      reported, except ``manifest_name`` and those for which ``allowed(rel)`` is true;
+    * files for which ``deferred(rel)`` is true get the size check only: their reader hashes them as it reads
+      them (:func:`sha256_mapped`), before using them.
     ``shard=(i, n)`` checks every n-th listed file starting at i (ranks split the hashing); the unlisted
     scan runs on shard 0 only."""
     root = Path(root)
@@ -155,7 +175,8 @@ def verify_listed_files(root: str | Path, files: dict[str, dict], *, checksums: 
         if size != want["size"]:
             problems.append(f"{p}: size {size} bytes, the manifest says {want['size']} (truncated or overwritten)")
             continue
-        to_hash.append(rel)
+        if not deferred(rel):
+            to_hash.append(rel)
     if checksums and to_hash:
         with ThreadPoolExecutor(hash_threads()) as pool:
             digests = dict(zip(to_hash, pool.map(lambda r: sha256_file(root / r), to_hash)))

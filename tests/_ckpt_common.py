@@ -138,7 +138,7 @@ def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: 
           keep_every: int = 0, zero_stage: int = 1, stop_after: Optional[int] = None, resume: bool = True,
           nan_steps: tuple = (), max_bad_steps: int = 0, loss_log: Optional[str] = None,
           preempt: bool = False, step_sleep: float = 0.0, dropout: float = 0.2,
-          resume_from: Optional[str] = None) -> dict:
+          resume_from: Optional[str] = None, wait_timeout_s: Optional[float] = None) -> dict:
     """The trainer's checkpoint protocol on a toy DeepSpeed model. Returns losses by step and a digest of
     the final weights. ``stop_after``: leave the loop after that many steps of this process (a clean
     "interruption"). ``nan_steps``: global steps (1-based) whose loss is poisoned."""
@@ -151,7 +151,7 @@ def train(rank: int, world_size: int, run_dir: str, steps: int, *, every_steps: 
     counters = Counters()
     stateful = {"trainer": counters, "loader": loader}
     manager = CheckpointManager(world=world_of(rank, world_size), run_dir=run_dir, checkpoint=CheckpointConfig(
-        every_steps=every_steps, keep_last=keep_last, keep_every=keep_every))
+        every_steps=every_steps, keep_last=keep_last, keep_every=keep_every), wait_timeout_s=wait_timeout_s)
     resumed = manager.resume(engine, stateful, resume_from=resume_from, no_resume=not resume)
     guard = BadStepGuard(max_bad_steps)
     stop_flag = None

@@ -177,6 +177,20 @@ def test_damaged_newest_falls_back_loudly(two_checkpoints, tmp_path, damage, cap
     assert not new.exists() and [p for p in (run / "checkpoints").iterdir() if ".corrupt-" in p.name]
 
 
+@pytest.mark.slow
+def test_damage_found_while_reading_once_sets_aside_and_resumes_the_older(two_checkpoints, tmp_path):
+    """On the saved layout a resume reads DeepSpeed's files once, hashing them as it reads: a flipped byte in an
+    optimizer shard (size unchanged, so only the checksum tells) is found during the load, before that file is
+    unpickled; the checkpoint is set aside on every rank and the run resumes from the older one."""
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    _flip(run / "checkpoints" / "step-000004" / OPT0)
+    res = run_distributed(C.train, 2, args=(str(run), 6), kwargs={"every_steps": 2, "keep_last": 3}, timeout=600)
+    assert [r["resumed"] for r in res] == [2, 2] and [r["step"] for r in res] == [6, 6]
+    assert [p.name for p in (run / "checkpoints").iterdir() if ".corrupt-" in p.name and "step-000004" in p.name]
+    assert [i.step for i in list_checkpoints(run)] == [2, 4, 6]  # step 4 saved again by the resumed run
+
+
 def test_garbage_latest_is_ignored_and_none_usable_is_an_error(two_checkpoints, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
@@ -365,3 +379,62 @@ def test_real_train_installs_its_signal_handlers_and_honours_the_grace_env(gpt_d
     hard = tmp_path / "hard"
     assert preempted(hard, {"LLMSCALE_PREEMPT_GRACE_S": "0.001"}) == EXIT_REQUEUE
     assert list_checkpoints(hard) == []  # the deadline ended it before the next step boundary
+
+
+# ------------------------------------------------------------------------------------ failures end in bounded time
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Return codes; a process still running after ``timeout`` s is a hang: killed, and the test fails."""
+    end = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(end - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"rank pid {p.pid} still running after {timeout}s: the failure did not end the job")
+    return codes
+
+
+@pytest.mark.slow
+def test_rank_failing_inside_deepspeed_save_ends_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    """Rank 1 raises while DeepSpeed writes its shards of step 4 (plain processes, no launcher to kill the other
+    rank): it says so and exits 1 at once; rank 0, inside DeepSpeed's collectives, fails as soon as rank 1's
+    connection closes (gloo) or at the bound. Step 2 stays the newest checkpoint, whole; the run resumes from it."""
+    run = tmp_path / "run"
+    kw = {"steps": 6, "every_steps": 2, "wait_timeout_s": 60}
+    procs = launch(run, kw, env={"LLMSCALE_TEST_CRASH_AT": "engine-file:4:1:raise"})
+    codes = _finish(procs, timeout=300)  # far below the 30 min process-group timeout it used to wait for
+    assert codes[0] != 0 and codes[1] == 1, codes
+    log1 = (tmp_path / "run-rank1.log").read_text(errors="replace")
+    assert "failed on rank 1 inside DeepSpeed's save" in log1 and "simulated write failure" in log1
+    assert "previous checkpoint is untouched" in log1
+    assert [i.step for i in list_checkpoints(run) if i.complete] == [2]
+    assert read_latest(run) == "step-000002" and verify_checkpoint(run / "checkpoints" / "step-000002") == []
+    # the same command without the fault resumes at step 2 and finishes
+    procs = launch(run, kw)
+    assert _finish(procs, timeout=300) == [0, 0]
+    res = json.loads((run / "result-rank0.json").read_text())
+    assert res["resumed"] == 2 and res["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_in_a_save_makes_the_others_exit_at_the_bound_naming_the_wait(tmp_path):
+    """Rank 1 hangs before writing its state of step 4: rank 0 waits for it at the save's first agreement, gives
+    up after wait_timeout_s and exits 1 with a line that names what it waited for."""
+    run = tmp_path / "run"
+    procs = launch(run, {"steps": 6, "every_steps": 2, "wait_timeout_s": 10},
+                   env={"LLMSCALE_TEST_CRASH_AT": "state:4:1:hang"})
+    try:
+        assert _finish(procs[:1], timeout=240) == [1]
+        assert procs[1].poll() is None  # still hanging: srun/torchrun stop it once rank 0 has exited
+    finally:
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+    log0 = (tmp_path / "run-rank0.log").read_text(errors="replace")
+    assert "rank 0: gave up after 1" in log0  # 10-19 s
+    assert "checkpoint step-000004: every rank's own state files, before DeepSpeed's save" in log0
+    assert "train.wait_timeout_s (10s)" in log0
+    assert [i.step for i in list_checkpoints(run) if i.complete] == [2]

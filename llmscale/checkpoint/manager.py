@@ -50,6 +50,7 @@ from llmscale.checkpoint.store import (
     TMP_PREFIX,
     TRASH_PREFIX,
     CheckpointInfo,
+    VerifiedReader,
     build_manifest,
     children,
     clean_stale,
@@ -74,6 +75,14 @@ from llmscale.log import get_logger
 log = get_logger(__name__)
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files do not match its manifest, found while loading it (``problems``: one line each)."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
 
 class CheckpointManager:
     """Saves, finds and loads the checkpoints of one run directory. All ranks create one and call its
@@ -81,11 +90,13 @@ class CheckpointManager:
 
     ``cfg``: the RunConfig (run_dir, checkpoint section, the config recorded in each checkpoint); or give
     ``run_dir=`` and ``checkpoint=`` (a CheckpointConfig) directly. ``world``: this process's
-    :class:`llmscale.dist.World` (rank and world size of the job).
+    :class:`llmscale.dist.World` (rank and world size of the job). ``wait_timeout_s``: the bound on each wait for
+    the other ranks (default: the config's train.wait_timeout_s, else :data:`llmscale.dist.DEFAULT_WAIT_S`).
     """
 
     def __init__(self, cfg: Any = None, *, world: Any, run_dir: str | Path | None = None,
-                 checkpoint: Any = None, tokenizer_hash: Optional[str] = None) -> None:
+                 checkpoint: Any = None, tokenizer_hash: Optional[str] = None,
+                 wait_timeout_s: Optional[float] = None) -> None:
         from llmscale.config import CheckpointConfig
 
         self.cfg = cfg
@@ -100,6 +111,14 @@ class CheckpointManager:
         self.last_saved_step: Optional[int] = None
         self.loaded: Optional[Path] = None
         self._pending: Optional[tuple[Any, dict]] = None  # (AsyncWriter, save info) of a save in flight
+        self._fell_back = False  # a resume passed over a damaged newer checkpoint
+        train = getattr(cfg, "train", None)
+        self.wait_s = float(wait_timeout_s if wait_timeout_s is not None
+                            else getattr(train, "wait_timeout_s", ldist.DEFAULT_WAIT_S))
+
+    def _waiting(self, what: str):
+        """A bounded, named wait for the other ranks (:func:`llmscale.dist.deadline`, train.wait_timeout_s)."""
+        return ldist.deadline(what, self.wait_s)
 
     def _run_tokenizer_hash(self) -> Optional[str]:
         from llmscale.artifacts import RUN_TOKENIZER, TOKENIZER_META
@@ -169,8 +188,25 @@ class CheckpointManager:
             codec.save_state_files(tmp / STATE_DIR / f"rank-{rank:05d}", states)
             save_rng_state(tmp / STATE_DIR / f"rng-rank-{rank:05d}")
             self._crash_point("state", step)
-            # 2. DeepSpeed's shards (every rank writes its own; async: snapshot to host memory, written later)
-            engine.save(tmp / ENGINE_DIR, {"llmscale_step": step}, write_file=writer.capture if writer else None)
+        except BaseException as e:  # noqa: BLE001 - every rank must reach the agreement below
+            err = e
+        # no rank enters DeepSpeed's save (collectives inside) unless every rank got this far
+        with self._waiting(f"checkpoint {name}: every rank's own state files, before DeepSpeed's save"):
+            self._agree(name, tmp, None if err is None else f"rank {rank}: {type(err).__name__}: {err}", err)
+        # 2. DeepSpeed's shards (every rank writes its own; async: snapshot to host memory, written later)
+        try:
+            with self._waiting(f"checkpoint {name}: DeepSpeed's save (each rank writes its shards, then waits at "
+                               f"DeepSpeed's barriers)"):
+                engine.save(tmp / ENGINE_DIR, {"llmscale_step": step},
+                            write_file=writer.capture if writer else None,
+                            before_file=lambda: self._crash_point("engine-file", step))
+        except BaseException as e:  # noqa: BLE001
+            if self.world_size > 1:
+                self._abandon(name, tmp, e)
+            err = e
+        try:
+            if err is not None:
+                raise err
             if rank == 0 and self.cfg is not None and dataclasses.is_dataclass(self.cfg):
                 from llmscale.config import save_resolved
 
@@ -178,7 +214,8 @@ class CheckpointManager:
             self._crash_point("engine", step)
         except BaseException as e:  # noqa: BLE001 - every rank must reach the agreement below
             err = e
-        self._agree(name, tmp, None if err is None else f"rank {rank}: {type(err).__name__}: {err}", err)
+        with self._waiting(f"checkpoint {name}: every rank's report that its shards are written"):
+            self._agree(name, tmp, None if err is None else f"rank {rank}: {type(err).__name__}: {err}", err)
         info = {"step": step, "name": name, "tmp": tmp, "final": final, "t0": t0, "states": states,
                 "stateful": sorted(stateful), "layout": layout_dict(engine.layout), "param_names": engine.param_names}
         if writer is not None:
@@ -188,13 +225,33 @@ class CheckpointManager:
             log.info("checkpoint %s: training resumes after %.2fs; %.1f MB host-memory snapshot (largest rank %.1f MB) "
                      "written in the background", name, time.perf_counter() - t0, sum(sizes) / 1e6, max(sizes) / 1e6)
             return final
-        ldist.barrier()  # every rank's files are on disk
+        with self._waiting(f"checkpoint {name}: every rank's files on disk"):
+            ldist.barrier()
         # 3. hash + fsync, split over ranks; rank 0 writes the manifest last
         rels = relative_files(tmp)
         mine = hash_files(tmp, [r for i, r in enumerate(rels) if i % self.world_size == rank], fsync=True)
         self._crash_point("hashed", step)
-        self._commit(info, ldist.all_gather_object(mine))
+        with self._waiting(f"checkpoint {name}: the other ranks' checksums"):
+            parts = ldist.all_gather_object(mine)
+        self._commit(info, parts)
         return final
+
+    def _abandon(self, name: str, tmp: Path, err: BaseException) -> None:
+        """A rank failed inside DeepSpeed's save while the others may be inside its collectives: telling them
+        could hang, so this rank says what happened and exits 1 now. The others stop when they notice (at once
+        on gloo, where the closed connection fails their collective; after train.wait_timeout_s otherwise)."""
+        import logging
+        import sys
+
+        prev = latest_complete(self.dir)
+        log.error("saving checkpoint %s failed on rank %d inside DeepSpeed's save (%s: %s). The other ranks wait in "
+                  "DeepSpeed's collectives and cannot be told safely, so this rank exits now (code 1). The previous "
+                  "checkpoint is untouched%s; %s is not a checkpoint and is removed on the next start. Fix the "
+                  "error and re-run the same command to resume.", name, self.rank, type(err).__name__, err,
+                  f" ({prev.path})" if prev else "", tmp.name)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
 
     def _agree(self, name: str, tmp: Path, failure: Optional[str], err: Optional[BaseException]) -> None:
         """Every rank learns every rank's failure of this save; on any, the folder goes and all ranks raise."""
@@ -212,7 +269,11 @@ class CheckpointManager:
     def poll(self) -> None:
         """At a step boundary (collective, cheap): finish a background save once every rank's writer is done; a
         failed write raises CheckpointError on every rank."""
-        if self._pending is not None and not ldist.any_rank(not self._pending[0].done()):
+        if self._pending is None:
+            return
+        with self._waiting(f"checkpoint {self._pending[1]['name']}: whether every rank's background write is done"):
+            busy = ldist.any_rank(not self._pending[0].done())
+        if not busy:
             self._finish()
 
     def wait(self) -> None:
@@ -224,9 +285,10 @@ class CheckpointManager:
     def _finish(self) -> None:
         (writer, info), self._pending = self._pending, None
         e = writer.error
-        self._agree(info["name"], info["tmp"], None if e is None else f"rank {self.rank}: background write: "
-                    f"{type(e).__name__}: {e}", e)
-        parts = ldist.all_gather_object(writer.hashes)
+        with self._waiting(f"checkpoint {info['name']}: the other ranks' background writes and checksums"):
+            self._agree(info["name"], info["tmp"], None if e is None else f"rank {self.rank}: background write: "
+                        f"{type(e).__name__}: {e}", e)
+            parts = ldist.all_gather_object(writer.hashes)
         if self.rank == 0:  # the small files written at the step boundary (state, RNG, config, DeepSpeed's scripts)
             done = {k for p in parts for k in p}
             parts.append(hash_files(info["tmp"], [r for r in relative_files(info["tmp"]) if r not in done], fsync=True))
@@ -253,7 +315,8 @@ class CheckpointManager:
             atomic_write_text(self.dir / LATEST, name + "\n")
             self._crash_point("latest", step)
             self._apply_retention(step)
-        ldist.barrier()
+        with self._waiting(f"checkpoint {name}: rank 0's manifest, rename and `latest`"):
+            ldist.barrier()
         self._last_save_time = time.monotonic()
         self.last_saved_step = step
         total, dt = sum(v["size"] for v in files.values()), time.perf_counter() - info["t0"]
@@ -283,16 +346,38 @@ class CheckpointManager:
     def latest_complete(self) -> Optional[CheckpointInfo]:
         return latest_complete(self.dir)
 
-    def _verify_collective(self, ckpt: Path) -> list[str]:
-        """verify_checkpoint with the hashing split over all ranks; every rank gets the full list."""
-        mine = verify_checkpoint(ckpt, shard=(self.rank, self.world_size))
+    def _verify_collective(self, ckpt: Path, deferred: Any = None) -> list[str]:
+        """verify_checkpoint with the hashing split over all ranks; every rank gets the full list. ``deferred``:
+        files only size-checked here because the load hashes them as it reads them (:meth:`_read_once`)."""
+        mine = verify_checkpoint(ckpt, shard=(self.rank, self.world_size), deferred=deferred or (lambda rel: False))
         out: list[str] = []
-        for part in ldist.all_gather_object(mine):
+        with self._waiting(f"verifying {ckpt}: the other ranks' checksums of their share of the files"):
+            gathered = ldist.all_gather_object(mine)
+        for part in gathered:
             out.extend(part)
         return list(dict.fromkeys(out))  # a missing manifest is reported by every rank: keep one copy
 
-    def find_resumable(self) -> Optional[Path]:
-        """Newest checkpoint that verifies (collective). Damaged ones are reported loudly and set aside."""
+    def _read_once(self, ckpt: Path, engine: Any) -> Any:
+        """For a load that can read each file once: a predicate of the files whose checksums the load itself
+        checks as it reads them (DeepSpeed's files: :class:`VerifiedReader`), else None (everything is hashed
+        first). Only on the saved layout with ZeRO 0-2: a universal conversion reads the files in another
+        process, and a ZeRO-3 load gathers inside DeepSpeed, where a rank that finds damage would leave the
+        others waiting (bounded, but not a clean fall-back to an older checkpoint)."""
+        if engine is None or not hasattr(engine, "layout"):
+            return None
+        try:
+            m = read_manifest(ckpt)
+        except CheckpointError:
+            return None
+        current = layout_dict(engine.layout)
+        if needs_universal(m["layout"], current) or current["zero_stage"] >= 3 or m["layout"] != current:
+            return None
+        prefix = ENGINE_DIR + "/"
+        return lambda rel: rel.startswith(prefix)
+
+    def find_resumable(self, engine: Any = None) -> Optional[Path]:
+        """Newest checkpoint that verifies (collective). Damaged ones are reported loudly and set aside. With
+        ``engine``, the files its load will hash as it reads them are only size-checked here (:meth:`_read_once`)."""
         infos = None
         if self.rank == 0:
             clean_stale(self.dir)
@@ -301,14 +386,15 @@ class CheckpointManager:
             if latest and latest not in {i.name for i in infos}:
                 log.warning("%s names %s, which does not exist: scanning for the newest complete checkpoint.",
                             self.dir / LATEST, latest)
-        infos = ldist.broadcast_object(infos)
+        with self._waiting(f"resuming: rank 0's list of the checkpoints in {self.dir}"):
+            infos = ldist.broadcast_object(infos)
         if not infos:
             return None
         failures = []
         for info in reversed(infos):
-            problems = self._verify_collective(info.path)
+            problems = self._verify_collective(info.path, self._read_once(info.path, engine))
             if not problems:
-                if failures:
+                if failures or self._fell_back:
                     log.warning("resuming from %s, an OLDER checkpoint, because newer ones are damaged (see above)",
                                 info.name)
                 return info.path
@@ -319,7 +405,8 @@ class CheckpointManager:
             log.error("CHECKPOINT %s IS DAMAGED and will not be loaded:\n  %s", info.path, "\n  ".join(problems[:10]))
             if self.rank == 0:
                 set_aside_corrupt(info)
-            ldist.barrier()
+            with self._waiting(f"resuming: rank 0 setting damaged {info.name} aside"):
+                ldist.barrier()
         raise CheckpointError(
             f"{self.dir} has {len(infos)} checkpoint(s) and none is usable: "
             + "; ".join(f"{i.name}: {p[0]}" for i, p in failures[:3])
@@ -336,19 +423,66 @@ class CheckpointManager:
                 aside = self.run_dir / f"{CHECKPOINTS}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
                 os.replace(self.dir, aside)
                 log.warning("--no-resume: starting from scratch; the existing checkpoints were moved to %s", aside)
-            ldist.barrier()
+            with self._waiting("--no-resume: rank 0 moving the old checkpoints aside"):
+                ldist.barrier()
             return None
         if resume_from is not None:
             path = self._explicit(Path(resume_from))
-            problems = self._verify_collective(path)
+            deferred = self._read_once(path, engine)
+            problems = self._verify_collective(path, deferred)
             if problems:
                 raise CheckpointError(f"--resume-from {path}: the checkpoint is damaged: " + "; ".join(problems[:5]))
-        else:
-            path = self.find_resumable()
+            return self.load(path, engine, stateful, verified=True, deferred=deferred)
+        while True:
+            path = self.find_resumable(engine)
             if path is None:
                 log.info("no checkpoint in %s: starting from scratch", self.dir)
                 return None
-        return self.load(path, engine, stateful, verified=True)
+            try:
+                return self.load(path, engine, stateful, verified=True, deferred=self._read_once(path, engine))
+            except DamagedCheckpoint as e:  # found while reading: set aside like any damaged one, try the older
+                log.error("CHECKPOINT %s IS DAMAGED and was not used (found while loading it):\n  %s", path,
+                          "\n  ".join(e.problems[:10]))
+                if self.rank == 0:
+                    for info in list_checkpoints(self.dir):
+                        if info.path == path:
+                            set_aside_corrupt(info)
+                with self._waiting(f"resuming: rank 0 setting damaged {path.name} aside"):
+                    ldist.barrier()
+                self._fell_back = True
+
+    def _load_read_once(self, ckpt: Path, m: dict, engine: Any, deferred: Any) -> dict:
+        """DeepSpeed's load through a :class:`VerifiedReader` (each file read once, hashed as read, unpickled only
+        after its checksum matched); then the deferred files no rank read are hashed, split over the ranks.
+        Every rank learns every rank's outcome: damage raises :class:`DamagedCheckpoint` everywhere."""
+        from llmscale.files import sha256_file
+
+        reader = VerifiedReader(ckpt, m["files"])
+        client, failure = {}, None
+        try:
+            with self._waiting(f"loading {ckpt}: DeepSpeed's load (each rank reads its shards; barriers inside)"):
+                client = engine.load(ckpt / ENGINE_DIR, universal=False, read_file=reader.load)
+        except CheckpointError as e:
+            failure = ("damaged", f"rank {self.rank}: {e}")
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
+            failure = ("error", f"rank {self.rank}: {type(e).__name__}: {e}")
+        with self._waiting(f"loading {ckpt}: the other ranks' reports of the files they read"):
+            reports = ldist.all_gather_object((failure, sorted(reader.read)))
+        failures = [f for f, _ in reports if f]
+        problems = [msg for kind, msg in failures if kind == "damaged"]
+        if failures and not problems:
+            raise CheckpointError(f"loading {ckpt} failed: " + "; ".join(msg for _, msg in failures[:3]))
+        if not problems:
+            done = {rel for _, rels in reports for rel in rels}
+            rest = [rel for rel in sorted(m["files"]) if deferred(rel) and rel not in done]
+            mine = [f"{ckpt / rel}: sha256 mismatch with the manifest (damaged since it was saved)"
+                    for i, rel in enumerate(rest) if i % self.world_size == self.rank
+                    and sha256_file(ckpt / rel) != m["files"][rel]["sha256"]]
+            with self._waiting(f"loading {ckpt}: the other ranks' checksums of the files nobody read"):
+                problems = [p for part in ldist.all_gather_object(mine) for p in part]
+        if problems:
+            raise DamagedCheckpoint(f"{ckpt} is damaged: " + "; ".join(problems[:3]), problems)
+        return client
 
     def _explicit(self, p: Path) -> Path:
         if (p / MANIFEST).is_file():
@@ -360,9 +494,11 @@ class CheckpointManager:
         return info.path
 
     def load(self, ckpt: str | Path, engine: Any, stateful: dict[str, Any], *, verified: bool = False,
-             keep: Iterable[str] = ()) -> int:
+             keep: Iterable[str] = (), deferred: Any = None) -> int:
         """Load checkpoint ``ckpt`` into ``engine`` and ``stateful`` (except the names in ``keep``); reshards
-        through the universal format when the layout differs. Returns its step. Collective."""
+        through the universal format when the layout differs. Returns its step. Collective. ``deferred``: the
+        files whose checksums are checked as DeepSpeed reads them (each read once); a mismatch raises
+        :class:`DamagedCheckpoint` on every rank."""
         from llmscale.rng import load_rng_state, restore_rng_state
 
         ckpt = Path(ckpt)
@@ -374,9 +510,12 @@ class CheckpointManager:
         saved, current = m["layout"], layout_dict(engine.layout)
         t0 = time.perf_counter()
         if needs_universal(saved, current):
-            client = load_through_universal(ckpt, m, engine, rank=self.rank)
+            client = load_through_universal(ckpt, m, engine, rank=self.rank, wait=self._waiting)
+        elif deferred is not None:
+            client = self._load_read_once(ckpt, m, engine, deferred)
         else:
-            client = engine.load(ckpt / ENGINE_DIR, universal=False)
+            with self._waiting(f"loading {ckpt}: DeepSpeed's load (each rank reads its shards; barriers inside)"):
+                client = engine.load(ckpt / ENGINE_DIR, universal=False)
         step = int(m["step"])
         if client.get("llmscale_step", step) != step:
             raise CheckpointError(f"{ckpt}: DeepSpeed's state is from step {client.get('llmscale_step')}, the manifest "
@@ -395,7 +534,8 @@ class CheckpointManager:
             obj.load_state_dict(states[k])
         rng_src = rank if (ckpt / STATE_DIR / f"rng-rank-{rank:05d}.json").is_file() else 0
         restore_rng_state(*load_rng_state(ckpt / STATE_DIR / f"rng-rank-{rng_src:05d}"))
-        ldist.barrier()
+        with self._waiting(f"loading {ckpt}: every rank's llmscale state"):
+            ldist.barrier()
         self.loaded = ckpt
         self.last_saved_step = step
         self._last_save_time = time.monotonic()

@@ -42,7 +42,7 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -123,10 +123,10 @@ def scan_checkpoint(ckpt: str | os.PathLike, rels: Sequence[str]) -> list[str]:
 _GLOBAL_IN_ERROR = re.compile(r"(?:GLOBAL|global) ([\w.]+)")
 
 
-def restricted_load(path: str | os.PathLike, map_location: Any = None, **kwargs: Any) -> Any:
+def restricted_load(path: Any, map_location: Any = None, *, name: Optional[str] = None, **kwargs: Any) -> Any:
     """``torch.load`` with the restricted unpickler and :data:`ALLOWED_GLOBALS` (full pickle when
     :func:`trusted`). A file that asks for anything else raises :class:`CheckpointError` naming the global and
-    the file."""
+    the file. ``path``: a path or a file object (then ``name`` names it in errors)."""
     kwargs.pop("weights_only", None)
     if trusted():
         return _TORCH_LOAD(path, map_location=map_location, weights_only=False, **kwargs)
@@ -136,9 +136,10 @@ def restricted_load(path: str | os.PathLike, map_location: Any = None, **kwargs:
         except pickle.UnpicklingError as e:
             m = _GLOBAL_IN_ERROR.search(str(e))
             what = m.group(1) if m else str(e).splitlines()[0][:200]
-            raise CheckpointError(f"{path} {REFUSED} {what}, outside the allowlist of what llmscale's "
+            shown = name or str(path)
+            raise CheckpointError(f"{shown} {REFUSED} {what}, outside the allowlist of what llmscale's "
                                   f"checkpoints need (llmscale.checkpoint.safe_load): refused, nothing was run. "
-                                  f"{_fix(Path(path))}") from None
+                                  f"{_fix(Path(shown))}") from None
 
 
 class _RestrictedTorch:

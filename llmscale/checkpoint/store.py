@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -93,14 +94,20 @@ CRASH_ENV = "LLMSCALE_TEST_CRASH_AT"
 
 
 def crash_point(phase: str, step: int, rank: int) -> None:
-    """Test hook: ``LLMSCALE_TEST_CRASH_AT=PHASE:STEP[:RANK]`` makes the process ``os._exit(137)`` (like a
-    SIGKILL) at that named point of a save (see :mod:`llmscale.checkpoint.manager`)."""
+    """Test hook: ``LLMSCALE_TEST_CRASH_AT=PHASE:STEP[:RANK[:raise]]`` makes the process ``os._exit(137)`` (like a
+    SIGKILL) at that named point of a save (see :mod:`llmscale.checkpoint.manager`); with ``raise``, raise an
+    OSError there (a rank failing, e.g. its disk, while the others go on); with ``hang``, never return."""
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return
     parts = spec.split(":")
-    if parts[0] != phase or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+    if parts[0] != phase or int(parts[1]) != step or (len(parts) > 2 and parts[2] and int(parts[2]) != rank):
         return
+    if len(parts) > 3 and parts[3] == "raise":
+        raise OSError(f"{CRASH_ENV}={spec}: simulated write failure on rank {rank} (test hook)")
+    if len(parts) > 3 and parts[3] == "hang":
+        log.error("%s=%s: hanging now (test hook)", CRASH_ENV, spec)
+        time.sleep(1e9)
     log.error("%s=%s: crashing now (test hook)", CRASH_ENV, spec)
     os._exit(137)
 
@@ -196,11 +203,13 @@ def resolve_checkpoint(path: str | Path) -> Optional[Path]:
     return None
 
 
-def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[int, int] = (0, 1)) -> list[str]:
+def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[int, int] = (0, 1),
+                      deferred: Callable[[str], bool] = lambda rel: False) -> list[str]:
     """Problems found in a checkpoint folder (empty list = good). Checks the manifest, that every listed
     file exists with its size (and sha256 when ``checksums``), that no unlisted file could be loaded, and that
     no pickle asks for a global outside the allowlist (:func:`llmscale.checkpoint.safe_load.scan_checkpoint`).
-    ``shard=(i, n)`` checks only every n-th file starting at i (ranks split the hashing)."""
+    ``shard=(i, n)`` checks only every n-th file starting at i (ranks split the hashing). ``deferred(rel)``: files
+    whose checksum the loader checks as it reads them (:class:`VerifiedReader`); here only their size."""
     ckpt = Path(ckpt)
     try:
         m = read_manifest(ckpt)
@@ -211,7 +220,7 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[
         return rel.startswith(TMP_PREFIX) or (rel.startswith(UNIVERSAL_DIR + "/") and not m.get("universal"))
 
     problems = verify_listed_files(ckpt, m["files"], checksums=checksums, shard=shard, allowed=allowed,
-                                   manifest_name=MANIFEST)
+                                   manifest_name=MANIFEST, deferred=deferred)
     if problems:
         return problems
     from llmscale.checkpoint.safe_load import scan_checkpoint  # the pickles: only allowlisted globals
@@ -276,3 +285,43 @@ def set_aside_corrupt(info: CheckpointInfo) -> None:
         log.error("moved it to %s (inspect or delete it)", aside)
     except OSError as e:
         log.error("could not move it aside: %s", e)
+
+
+class VerifiedReader:
+    """Reads the files of one checkpoint for DeepSpeed's checkpoint engine, each from the disk once: the file is
+    mapped and hashed (:func:`llmscale.files.sha256_mapped`; read-ahead overlaps the disk with the hash), compared
+    with the manifest, and only then unpickled through the restricted unpickler with ``mmap=True``, which takes
+    its tensors from the same pages in the page cache. A mismatch raises :class:`CheckpointError` before
+    anything of that file is unpickled. ``read`` lists what this process read (the others are hashed after)."""
+
+    def __init__(self, ckpt: Path, files: dict[str, dict]) -> None:
+        self.ckpt = Path(ckpt)
+        self.files = files
+        self.read: set[str] = set()
+
+    def load(self, path: str | os.PathLike, map_location: Any = None) -> Any:
+        from llmscale.checkpoint.safe_load import restricted_load
+        from llmscale.files import sha256_mapped
+
+        p = Path(path)
+        try:
+            rel = p.resolve().relative_to(self.ckpt.resolve()).as_posix()
+        except ValueError:
+            raise CheckpointError(f"DeepSpeed asked for {p}, outside checkpoint {self.ckpt}: refused.") from None
+        want = self.files.get(rel)
+        if want is None:
+            raise CheckpointError(f"DeepSpeed asked for {p}, which {MANIFEST} does not list: refused.")
+        try:
+            digest = sha256_mapped(p, int(want["size"]))
+        except OSError as e:
+            raise CheckpointError(str(e)) from None
+        if digest != want["sha256"]:
+            raise CheckpointError(f"{p}: sha256 mismatch with the manifest (damaged since it was saved); "
+                                  f"nothing of it was unpickled")
+        self.read.add(rel)
+        try:
+            return restricted_load(p, map_location=map_location, mmap=True)
+        except RuntimeError as e:  # a file in torch's legacy (non-zip) format cannot be mapped: read it plainly
+            if "mmap" not in str(e):
+                raise
+            return restricted_load(p, map_location=map_location)
