@@ -41,6 +41,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "ckpt"): "Benchmark checkpoint save/load against raw disk speed (JSON).",
     ("bench", "finetune"): "Benchmark fine-tuning throughput against pretraining of the same model (JSON).",
     ("bench", "eval"): "Benchmark eval (perplexity) throughput against training of the same model (JSON).",
+    ("bench", "quickstart"): "Time the README's quickstart from the command line to its last line (JSON).",
     ("config", "show"): "Print a resolved config, or every config key with its doc.",
     ("config", "presets"): "List the model presets.",
 }
