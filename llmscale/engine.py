@@ -612,7 +612,7 @@ class Engine:
         ``universal``: ``tag_dir`` is a universal (layout-free) checkpoint folder, named as this engine names
         its parameters (see :func:`llmscale.checkpoint.universal.universal_view`). ``read_file(path,
         map_location)``, when given, reads each file DeepSpeed asks its checkpoint engine for (for this call
-        only; :class:`llmscale.checkpoint.store.VerifiedReader` hashes what it reads)."""
+        only; :class:`llmscale.checkpoint.loading.VerifiedReader` hashes what it reads)."""
         tag_dir = Path(tag_dir)
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(tag_dir)!r} does not exist.")

@@ -148,7 +148,7 @@ def test_readme_layout_and_launch_docs_name_what_exists():
                 if name in ("data/", "models/", "parallel/", "checkpoint/", "bench/"):
                     for mod in listed:
                         assert (PKG / name / f"{mod}.py").is_file(), f"README Layout: {name}{mod}.py does not exist"
-    docs = [root / "README.md", *(root / "launch").iterdir(), *(root / "slurm").iterdir()]
+    docs = [root / "README.md", *(p for d in ("launch", "slurm") for p in (root / d).rglob("*") if p.is_file())]
     for doc in docs:
         for cfg in re.findall(r"configs/[A-Za-z0-9_]+\.yaml", doc.read_text(encoding="utf-8")):
             assert (root / cfg).is_file(), f"{doc.name} names {cfg}, which does not exist"

@@ -209,7 +209,8 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True, shard: tuple[
     file exists with its size (and sha256 when ``checksums``), that no unlisted file could be loaded, and that
     no pickle asks for a global outside the allowlist (:func:`llmscale.checkpoint.safe_load.scan_checkpoint`).
     ``shard=(i, n)`` checks only every n-th file starting at i (ranks split the hashing). ``deferred(rel)``: files
-    whose checksum the loader checks as it reads them (:class:`VerifiedReader`); here only their size."""
+    whose checksum the loader checks as it reads them (:class:`llmscale.checkpoint.loading.VerifiedReader`); here
+    only their size."""
     ckpt = Path(ckpt)
     try:
         m = read_manifest(ckpt)
@@ -285,43 +286,3 @@ def set_aside_corrupt(info: CheckpointInfo) -> None:
         log.error("moved it to %s (inspect or delete it)", aside)
     except OSError as e:
         log.error("could not move it aside: %s", e)
-
-
-class VerifiedReader:
-    """Reads the files of one checkpoint for DeepSpeed's checkpoint engine, each from the disk once: the file is
-    mapped and hashed (:func:`llmscale.files.sha256_mapped`; read-ahead overlaps the disk with the hash), compared
-    with the manifest, and only then unpickled through the restricted unpickler with ``mmap=True``, which takes
-    its tensors from the same pages in the page cache. A mismatch raises :class:`CheckpointError` before
-    anything of that file is unpickled. ``read`` lists what this process read (the others are hashed after)."""
-
-    def __init__(self, ckpt: Path, files: dict[str, dict]) -> None:
-        self.ckpt = Path(ckpt)
-        self.files = files
-        self.read: set[str] = set()
-
-    def load(self, path: str | os.PathLike, map_location: Any = None) -> Any:
-        from llmscale.checkpoint.safe_load import restricted_load
-        from llmscale.files import sha256_mapped
-
-        p = Path(path)
-        try:
-            rel = p.resolve().relative_to(self.ckpt.resolve()).as_posix()
-        except ValueError:
-            raise CheckpointError(f"DeepSpeed asked for {p}, outside checkpoint {self.ckpt}: refused.") from None
-        want = self.files.get(rel)
-        if want is None:
-            raise CheckpointError(f"DeepSpeed asked for {p}, which {MANIFEST} does not list: refused.")
-        try:
-            digest = sha256_mapped(p, int(want["size"]))
-        except OSError as e:
-            raise CheckpointError(str(e)) from None
-        if digest != want["sha256"]:
-            raise CheckpointError(f"{p}: sha256 mismatch with the manifest (damaged since it was saved); "
-                                  f"nothing of it was unpickled")
-        self.read.add(rel)
-        try:
-            return restricted_load(p, map_location=map_location, mmap=True)
-        except RuntimeError as e:  # a file in torch's legacy (non-zip) format cannot be mapped: read it plainly
-            if "mmap" not in str(e):
-                raise
-            return restricted_load(p, map_location=map_location)
