@@ -4,9 +4,12 @@ known baselines? Both tests run `llmscale prepare` (as a library) and `llmscale 
 * Character-level GPT on Tiny Shakespeare, nanoGPT's CPU baseline configuration (configs/char_shakespeare.yaml:
   4 layers, 4 heads, width 128, context 64, batch 12, 2,000 steps, lr 1e-3 -> 1e-4 cosine, warm-up 100,
   dropout 0, AdamW beta2 0.99, weight decay 0.1, clip 1.0; 90/10 split by characters; windows at random
-  offsets as nanoGPT samples them): validation loss <= 1.89 nats per character on the whole validation text,
-  on a seed drawn afresh every run (printed; LLMSCALE_TEST_SEED=N replays one). nanoGPT's ~1.88 is a single
-  run, estimated on 20 random batches; here seeds 1234 / 1 / 2 gave 1.879 / 1.886 / 1.887 (README, Results).
+  offsets as nanoGPT samples them): validation loss <= 1.91 nats per character on the whole validation text,
+  on a seed drawn afresh every run (printed; LLMSCALE_TEST_SEED=N replays one). 1.91 is the worst of nanoGPT's
+  own four seeds on this machine (1.891-1.908, mean 1.901, same configuration and the same whole-text score):
+  any seed must do as well as nanoGPT's code does. nanoGPT's published ~1.88 is a single run, estimated on 20
+  random batches; here seeds 1234 / 1 / 2 / 166580300 gave 1.879 / 1.886 / 1.887 / 1.897 (README, Results; the
+  last one, drawn by this test, failed the earlier bound of 1.89, which three seeds had met by luck).
 * A small BERT pretrained with next-sentence prediction: masked-LM accuracy on held-out text well above the
   unigram baseline (always predicting the training split's most frequent token), and next-sentence accuracy
   on the held-out pairs (the eval job's ``nsp`` task) more than 4 standard deviations of a coin above the
@@ -59,7 +62,7 @@ def test_char_gpt_reaches_nanogpt_baseline(tmp_path, corpus_path):
     assert final["val_full"] and final["val_tokens"] == len(text[n:])  # every val character is a target once
     print(f"char-level GPT: validation loss {final['val_loss']:.4f} nats/char after 2000 steps "
           f"({final['val_bpb']:.3f} bits/byte), seed {seed}")
-    assert final["val_loss"] <= 1.89, (seed, final)
+    assert final["val_loss"] <= 1.91, (seed, final)
     # ASCII text: one byte per character; the split's eos token (0 bytes) makes bytes/token 111540/111541
     bytes_per_token = splits["val"]["num_bytes"] / splits["val"]["num_tokens"]
     assert final["val_bpb"] == pytest.approx(final["val_loss"] / np.log(2) / bytes_per_token, rel=1e-9)
