@@ -254,7 +254,14 @@ class TrainConfig:
         "batch. Past it the rank names what it waited for and exits 1, instead of hanging until the process "
         "group's timeout (30 min). 0 = no bound.")
 
+    peer_timeout_s: float = doc(
+        120.0, "A rank whose heartbeat has not moved for this long is lost (its node died, or it hangs outside "
+        "Python): every other rank names it and exits 76 (slurm/*.sbatch requeue; the run resumes from the last "
+        "checkpoint). Detected by a monitor thread (llmscale.dist.PeerMonitor). 0 = off.")
+
     def validate(self) -> None:
+        if self.peer_timeout_s < 0:
+            raise ConfigError(f"train.peer_timeout_s must be >= 0 (0 = off), got {self.peer_timeout_s}.")
         if self.wait_timeout_s < 0:
             raise ConfigError(f"train.wait_timeout_s must be >= 0 (0 = no bound), got {self.wait_timeout_s}.")
         if self.steps < 1:
@@ -509,9 +516,15 @@ def from_dict(cls: type[_T], raw: dict, *, validate: bool = True) -> _T:
 
 
 def load_config(cls: type[_T], path: str | Path | None = None, overrides: list[str] | None = None) -> _T:
-    """YAML file (optional) + dotted overrides -> validated config of type ``cls``."""
+    """YAML file (optional) + dotted overrides -> validated config of type ``cls``. A run or fine-tune config
+    (one with a ``parallel`` section) also takes what ``accelerate launch --config_file`` passed where it leaves
+    a setting unset, and refuses a disagreement (:mod:`llmscale.launcher_settings`)."""
     raw = read_yaml(path) if path else {}
     raw = _deep_merge(raw, parse_overrides(overrides or []))
+    if dataclasses.is_dataclass(cls) and "parallel" in {f.name for f in dataclasses.fields(cls)}:
+        from llmscale.launcher_settings import merge_launcher_settings
+
+        raw = merge_launcher_settings(raw)
     return from_dict(cls, raw)
 
 

@@ -112,11 +112,56 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _interface_with(ip: str) -> Optional[str]:
+    """The name of the network interface that holds IPv4 address ``ip`` (Linux), else None."""
+    import fcntl
+    import socket
+    import struct
+
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    return None
+
+
+def gloo_interface(master_addr: str) -> Optional[str]:
+    """The interface gloo should use to reach the other hosts, when its own choice would fail: gloo binds to
+    the address this host's name resolves to, which Debian-style /etc/hosts maps to 127.0.1.1 (and network
+    namespaces share one name): ranks on other hosts are then told to connect to a loopback address. Returns
+    the interface that routes to ``master_addr`` in that case (GLOO_SOCKET_IFNAME), else None."""
+    import ipaddress
+    import socket
+
+    try:
+        if ipaddress.ip_address(socket.gethostbyname(master_addr)).is_loopback:
+            return None  # a one-host job: loopback is right
+        mine = ipaddress.ip_address(socket.gethostbyname(socket.gethostname()))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master_addr, 9))
+            route_ip = s.getsockname()[0]
+    except (OSError, ValueError):
+        return None
+    if not mine.is_loopback and str(mine) == route_ip:
+        return None
+    return _interface_with(route_ip)
+
+
 def init_distributed(world: World, *, backend: Optional[str] = None, timeout_s: float = 1800) -> None:
-    """Create the default process group (also for world_size 1, so collectives work everywhere)."""
+    """Create the default process group (also for world_size 1, so collectives work everywhere). For gloo
+    across hosts whose name resolves to a loopback address, GLOO_SOCKET_IFNAME is set to the interface that
+    reaches the master (:func:`gloo_interface`)."""
     if dist.is_initialized():
         return
     export_env(world)
+    if (backend or default_backend()) == "gloo" and world.world_size > 1 and "GLOO_SOCKET_IFNAME" not in os.environ:
+        ifname = gloo_interface(world.master_addr)
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank % max(torch.cuda.device_count(), 1))
     dist.init_process_group(
@@ -202,6 +247,22 @@ def any_rank(flag: bool, group=None) -> bool:
     return bool(t.item())
 
 
+def _log():
+    from llmscale.log import get_logger
+
+    return get_logger(__name__)
+
+
+def _last_words(msg: str) -> None:
+    """Log an error every rank shows (not only rank 0) and flush it: the process ends right after (os._exit)."""
+    import logging
+
+    _log().error("%s", msg)
+    for h in logging.getLogger().handlers + logging.getLogger("llmscale").handlers:
+        h.flush()
+    sys.stderr.flush()
+
+
 EXIT_WAIT_TIMEOUT = 1  # what a rank exits with when a bounded wait for the others expires (a failure, not a requeue)
 DEFAULT_WAIT_S = 600.0
 
@@ -226,8 +287,7 @@ def deadline(what: str, seconds: Optional[float] = DEFAULT_WAIT_S) -> Iterator[N
                f"{EXIT_WAIT_TIMEOUT} instead of waiting for the process-group timeout. The bound is "
                f"train.wait_timeout_s ({seconds:g}s).")
         try:
-            sys.stderr.write(f"llmscale: error: {msg}\n")
-            sys.stderr.flush()
+            _last_words(msg)
         finally:
             os._exit(EXIT_WAIT_TIMEOUT)
 
@@ -238,6 +298,147 @@ def deadline(what: str, seconds: Optional[float] = DEFAULT_WAIT_S) -> Iterator[N
         yield
     finally:
         timer.cancel()
+
+
+EXIT_PEER_LOST = 76  # "a rank of this job is gone; the last checkpoint is intact": worth a requeue (slurm/_job.sh)
+PEER_LOST_ENV = "LLMSCALE_PEER_LOST_FILE"  # where a rank that saw a peer vanish writes what it saw (JSON)
+
+_COMM_ERRORS = ("connection closed", "connection reset", "broken pipe", "connection refused", "gloo", "nccl",
+                "timed out", "timeout", "socket")
+
+
+def looks_like_lost_peer(err: BaseException) -> bool:
+    """Whether an exception from a collective could be a peer that vanished (the monitor then decides)."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return isinstance(err, (RuntimeError, OSError, ConnectionError)) and any(k in text for k in _COMM_ERRORS)
+
+
+def _host_label() -> str:
+    """What names this rank's host in a report: the SLURM node name, else the hostname, with the address the
+    job's master is reached from (network namespaces share a hostname but not an address)."""
+    import socket
+
+    name = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    addr = "?"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1") or 1)))
+            addr = s.getsockname()[0]
+    except OSError:
+        pass
+    return f"{name} {addr}"
+
+
+class PeerMonitor:
+    """A failure detector for the ranks of one job, so that a dead node ends the job in bounded time.
+
+    Every rank's monitor thread adds 1 to its own counter in the job's rendezvous store (the TCPStore that
+    MASTER_ADDR:MASTER_PORT serves) every ``interval_s`` and reads everyone else's. A rank whose counter has not
+    moved for ``timeout_s`` is lost (its process or its host is gone, or it hangs without running Python); a
+    store that cannot be reached for ``timeout_s`` means the store's host is lost (rank 0's node, or the launcher
+    agent's). Either way the monitor names the lost ranks and their hosts, writes that to
+    ``$LLMSCALE_PEER_LOST_FILE`` when set, and ends this process with :data:`EXIT_PEER_LOST` (the survivors
+    cannot go on: every step needs every rank). The thread needs the GIL for a moment every interval only.
+
+    ``start()`` and ``stop()`` are collective: start after :func:`init_distributed`, stop before the job's
+    last barrier (a rank that has stopped is "done", never "lost"). No-op on one process or ``timeout_s`` 0.
+    """
+
+    def __init__(self, *, timeout_s: float, interval_s: Optional[float] = None) -> None:
+        self.timeout_s = float(timeout_s)
+        self.interval_s = float(interval_s if interval_s is not None else min(max(self.timeout_s / 12, 0.5), 10.0))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._store: Any = None
+        self.rank, self.world_size = 0, 1
+        self.hosts: list[str] = []
+        self.lost: Optional[dict] = None
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> PeerMonitor:
+        if self.timeout_s <= 0 or not _group_ready() or dist.get_world_size() == 1:
+            return self
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.hosts = all_gather_object(_host_label())
+        self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=datetime.timedelta(seconds=max(self.interval_s * 2, 5.0)),
+                                    wait_for_workers=False)
+        self._store.add(f"llmscale/hb/{self.rank}", 1)
+        barrier()  # every counter exists before anyone reads them
+        self._thread = threading.Thread(target=self._run, name="llmscale-peer-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """This rank is done (normal end): the others no longer expect its heartbeat. Collective."""
+        if self._thread is None:
+            return
+        try:
+            self._store.add(f"llmscale/done/{self.rank}", 1)
+        except Exception:  # noqa: BLE001 - the store's host already gone at the end: nothing to tell
+            pass
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s * 3)
+        self._thread = None
+
+    def _run(self) -> None:
+        counts = [-1] * self.world_size
+        moved = [time.monotonic()] * self.world_size
+        store_ok = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            try:
+                self._store.add(f"llmscale/hb/{self.rank}", 1)
+                for r in range(self.world_size):
+                    c = self._store.add(f"llmscale/hb/{r}", 0)
+                    if c != counts[r]:
+                        counts[r], moved[r] = c, now
+                done = {r for r in range(self.world_size) if self._store.add(f"llmscale/done/{r}", 0)}
+                store_ok = now
+            except Exception as e:  # noqa: BLE001 - the store's host is unreachable
+                if now - store_ok > self.timeout_s:
+                    self._declare([0], f"the job's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                                       f"{os.environ.get('MASTER_PORT')} has not answered for "
+                                       f"{now - store_ok:.0f}s ({type(e).__name__}: {e})")
+                continue
+            if self._stop.is_set():
+                return
+            lost = [r for r in range(self.world_size)
+                    if r != self.rank and r not in done and now - moved[r] > self.timeout_s]
+            if lost:
+                self._declare(lost, f"no heartbeat for {max(now - moved[r] for r in lost):.0f}s")
+
+    def _declare(self, lost: list[int], why: str) -> None:
+        import json
+
+        hosts = sorted({self.hosts[r] for r in lost if r < len(self.hosts)})
+        msg = (f"rank {self.rank}: lost rank(s) {', '.join(map(str, lost))} on {'; '.join(hosts) or '?'}: {why}. "
+               f"The job cannot go on without them: exiting with code {EXIT_PEER_LOST} (bound: "
+               f"train.peer_timeout_s={self.timeout_s:g}s). The last complete checkpoint is intact; run the same "
+               f"command again (slurm/*.sbatch requeue the job) to resume from it.")
+        self.lost = {"rank": self.rank, "lost_ranks": lost, "hosts": hosts, "why": why, "time": time.time()}
+        try:
+            _last_words(msg)
+            path = os.environ.get(PEER_LOST_ENV)
+            if path:
+                tmp = f"{path}.tmp-{os.getpid()}"
+                with open(tmp, "w") as f:
+                    json.dump(self.lost, f)
+                os.replace(tmp, path)
+        finally:
+            os._exit(EXIT_PEER_LOST)
+
+    def settle(self, err: BaseException) -> None:
+        """After ``err`` from a collective on the main thread: if it may be a lost peer, give the monitor the time
+        to confirm it (it then ends the process with :data:`EXIT_PEER_LOST`); returns if it does not."""
+        if self._thread is None or not looks_like_lost_peer(err):
+            return
+        _log().warning("a collective failed (%s: %s); checking whether a rank is gone (up to %.0fs)",
+                       type(err).__name__, str(err)[:300], self.timeout_s + 2 * self.interval_s)
+        self._thread.join(timeout=self.timeout_s + 2 * self.interval_s)
 
 
 # --------------------------------------------------------------------------- local ranks (benchmarks, tests)

@@ -165,7 +165,9 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
     setup_logging(all_ranks=cfg.train.log_all_ranks)
     world = ldist.world_for_job()
     ldist.init_distributed(world)
+    monitor = ldist.PeerMonitor(timeout_s=getattr(cfg.train, "peer_timeout_s", 120.0))
     try:
+        monitor.start()  # a dead node ends the job in train.peer_timeout_s, naming the lost ranks
         # rank 0 first: a checkpoint of another layout is converted once (then listed in its manifest)
         if world.is_main:
             lm, model_cfg, tok, tok_dir = _initial_model(cfg)
@@ -197,10 +199,17 @@ def run(cfg: Any, *, no_resume: bool = False, final_weights: bool = True) -> dic
 
             torch.manual_seed(cfg.train.seed)
             lm = build_model(model_cfg)
-        return _fit(cfg, world=world, plan=plan, lm=lm, model_cfg=model_cfg, tok=tok, tok_dir=tok_dir,
-                    train_f=train_f, val_f=val_f, labels=labels, clf_cfg=clf_cfg, no_resume=no_resume,
-                    final_weights=final_weights)
+        try:
+            out = _fit(cfg, world=world, plan=plan, lm=lm, model_cfg=model_cfg, tok=tok, tok_dir=tok_dir,
+                       train_f=train_f, val_f=val_f, labels=labels, clf_cfg=clf_cfg, no_resume=no_resume,
+                       final_weights=final_weights)
+        except Exception as e:
+            monitor.settle(e)  # a collective that failed because a rank vanished: exit 76 naming it
+            raise
+        monitor.stop()
+        return out
     finally:
+        monitor.stop()
         ldist.shutdown()
 
 

@@ -87,7 +87,9 @@ def run(cfg: RunConfig, *, final_weights: bool = True, resume_from: str | None =
     plan = plan_run(cfg, world.world_size)  # layout and batch, once: refused here before any process group
     batch = plan.batch
     ldist.init_distributed(world)
+    monitor = ldist.PeerMonitor(timeout_s=cfg.train.peer_timeout_s)
     try:
+        monitor.start()  # a dead node ends the job in train.peer_timeout_s, naming the lost ranks
         run_dir = Path(cfg.run_dir)
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,12 +119,17 @@ def run(cfg: RunConfig, *, final_weights: bool = True, resume_from: str | None =
             trainer = Trainer(cfg, engine=engine, loader=loader, world=world, metrics=metrics, flops_per_token=flops,
                               checkpoints=manager, resume_from=resume_from, no_resume=no_resume)
             summary = trainer.fit()
+        except Exception as e:
+            monitor.settle(e)  # a collective that failed because a rank vanished: exit 76 naming it
+            raise
         finally:
             metrics.close()
             loader.close()
         if final_weights and not summary["stopped"]:
             save_final_weights(engine, run_dir, is_main=world.is_main)
         summary["rank"] = world.rank
+        monitor.stop()
         return summary
     finally:
+        monitor.stop()
         ldist.shutdown()
