@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("data", "inspect"): "Counts, shards and a decoded sample of a dataset.",
     ("data", "order"): "Which sample ids every rank reads at every step (JSON).",
     ("data", "verify"): "Check a dataset's shards against its manifest checksums.",
+    ("data", "merge"): "Join the parts written by `prepare --part I/N` into one dataset with one manifest.",
     ("train",): "Pretrain a GPT or BERT model from a YAML config on DeepSpeed.",
     ("finetune",): "Fine-tune (classify, sft, lm) from any checkpoint or model folder on DeepSpeed.",
     ("eval",): "Evaluate any model: perplexity, bits/byte, MLM, classification, generation, lm-eval-harness.",
@@ -95,8 +96,32 @@ def _resolve(argv: list[str]) -> tuple[Optional[tuple[str, ...]], list[str]]:
                      f"(e.g. `llmscale {' '.join(paths[0])} --help`).")
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher inserts ``--local_rank=N`` before the command (``deepspeed --module llmscale train
+    ...`` runs ``python -m llmscale --local_rank=N train ...``); the rank also comes in LOCAL_RANK, which
+    llmscale.dist reads. Take it out here; refuse it when it disagrees with LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        value = None
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            value = a.split("=", 1)[1]
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 1
+        if value is None:
+            out.append(a)
+        else:
+            env = os.environ.get("LOCAL_RANK")
+            if env is not None and env != value:
+                raise SystemExit(f"llmscale: --local_rank={value} but LOCAL_RANK={env}: the launcher disagrees with "
+                                 f"itself; launch with one of them.")
+            os.environ.setdefault("LOCAL_RANK", value)
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     path, rest = _resolve(argv)
     if path is None:
         top = _top_parser()

@@ -264,3 +264,100 @@ def test_cli_prepare_inspect_verify(tmp_path, corpus_path, tok):
     (out / "manifest.json").unlink()
     gone = run_cli(["data", "verify", str(out)], check=False)
     assert gone.returncode == 1 and "not a complete llmscale dataset" in gone.stderr
+
+
+# ------------------------------------------------------------------ parts across nodes (--part I/N) and their merge
+
+
+def _stream(root, split: str) -> np.ndarray:
+    m = read_manifest(root)
+    return np.concatenate([open_shard(root / s.path).tokens for s in m.shards(split)] or [np.zeros(0)])
+
+
+def _docs(root, split: str) -> list[bytes]:
+    m = read_manifest(root)
+    out = []
+    for s in m.shards(split):
+        v = open_shard(root / s.path)
+        out += [v.document(i).tobytes() for i in range(v.num_documents)]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gpt", "bert"])
+def test_three_parts_merged_equal_one_process_prepare(tmp_path, corpus_path, tok, fmt):
+    """The inputs cut into 3 parts (by file, balanced by bytes), each tokenized on its own, then merged: the same
+    documents, tokens, order, counts and skips as one process on the same inputs; the loader serves the same
+    batches."""
+    from llmscale.config import DataConfig
+    from llmscale.data.loader import build_loader
+    from llmscale.data.prepare import merge_parts, parts_dir
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    paras = corpus_path.read_text(encoding="utf-8").split("\n\n")
+    for i in range(7):  # 7 files of unequal size, one with a bad line skipped
+        text = "\n\n".join(paras[i * 300:(i + 1) * 300 + 40 * i])
+        (corpus / f"f{i}.txt").write_text(text, encoding="utf-8")
+    (corpus / "f7.jsonl").write_text('{"text": "a good line"}\n{"nope": 1}\n{"text": "another line"}\n',
+                                     encoding="utf-8")
+    kw = dict(tokenizer=tok, format=fmt, seq_len=64, val_fraction=0.05, doc_split="paragraph", shard_tokens=20_000,
+              num_proc=1)
+    one = prepare_dataset([corpus], tmp_path / "one", **kw)
+    for i in (2, 0, 1):  # any order, as array tasks finish
+        prepare_dataset([corpus], tmp_path / "merged", part=(i, 3), **kw)
+    assert sorted(p.name for p in parts_dir(tmp_path / "merged").iterdir()) == [
+        "part-00000-of-00003", "part-00001-of-00003", "part-00002-of-00003"]
+    # a finished part run again is kept, not redone
+    again = prepare_dataset([corpus], tmp_path / "merged", part=(1, 3), **kw)
+    assert again.root.name == "part-00001-of-00003"
+    merged = merge_parts(tmp_path / "merged")
+    assert not parts_dir(tmp_path / "merged").exists() and verify_dataset(merged.root) == []
+    for split in ("train", "val"):
+        a, b = one.data["splits"][split], merged.data["splits"][split]
+        assert {k: a[k] for k in ("num_documents", "num_tokens", "num_bytes")} == \
+            {k: b[k] for k in ("num_documents", "num_tokens", "num_bytes")}
+        assert _docs(one.root, split) == _docs(merged.root, split)
+        assert np.array_equal(_stream(one.root, split), _stream(merged.root, split))
+    for k in ("documents_read", "documents_written", "documents_skipped", "skipped_reasons", "files", "bytes_read"):
+        assert one.data["stats"][k] == merged.data["stats"][k], k
+    assert one.data["stats"]["documents_skipped"] == 1
+    assert [s["path"] for s in one.data["sources"]] == [s["path"] for s in merged.data["sources"]]
+    assert len(merged.shards("train")) > 3  # each part's shards kept, renumbered
+    # what training reads: the same batches from both
+    served = []
+    for root in (one.root, merged.root):
+        cfg = DataConfig(path=str(root), seq_len=64, format=fmt)
+        loader = build_loader(cfg, split="train", dp_rank=0, dp_size=1, global_batch_size=8, micro_batch_size=4,
+                              pad_id=tok.pad_id, mask_id=tok.mask_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
+                              vocab_size=tok.vocab_size, shuffle=True)
+        served.append([mb["input_ids"].clone() for _ in range(5) for mb in loader.next_step()])
+        loader.close()
+    for x, y in zip(*served):
+        assert torch_equal(x, y)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_merge_refuses_missing_and_mismatched_parts(tmp_path, corpus_path, tok):
+    from llmscale.data.prepare import PrepareError, merge_parts
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    paras = corpus_path.read_text(encoding="utf-8").split("\n\n")
+    for i in range(3):
+        (corpus / f"f{i}.txt").write_text("\n\n".join(paras[i * 200:(i + 1) * 200]), encoding="utf-8")
+    kw = dict(tokenizer=tok, format="gpt", seq_len=64, val_fraction=0.05, doc_split="paragraph", num_proc=1)
+    with pytest.raises(PrepareError, match="no parts to merge"):
+        merge_parts(tmp_path / "ds")
+    prepare_dataset([corpus], tmp_path / "ds", part=(0, 2), **kw)
+    with pytest.raises(PrepareError, match="1 of 2 parts are missing.*part-00001-of-00002"):
+        merge_parts(tmp_path / "ds")
+    prepare_dataset([corpus], tmp_path / "ds", part=(1, 2), **{**kw, "seq_len": 32})
+    with pytest.raises(PrepareError, match="other settings.*seq_len"):
+        merge_parts(tmp_path / "ds")
+    with pytest.raises(PrepareError, match="--part needs --tokenizer"):
+        prepare_dataset([corpus], tmp_path / "x", part=(0, 2), **{**kw, "tokenizer": None, "vocab_size": 300})

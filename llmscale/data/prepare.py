@@ -26,6 +26,13 @@ Crash safety: everything is written into ``DIR.tmp-<pid>`` beside ``DIR`` (token
 temporary folder, which the next run removes (its pid is dead). A folder without ``manifest.json``
 is never read as a dataset. A complete dataset at ``DIR`` is replaced only with ``overwrite=True``.
 
+Across nodes: ``part=(i, n)`` tokenizes only the i-th of n contiguous ranges of the input files (balanced by
+bytes, in the order ``resolve_inputs`` gives) into a dataset of its own, ``DIR.parts/part-I-of-N``, with the
+shared tokenizer; :func:`merge_parts` then writes ``DIR`` from all n parts with one manifest (counts, skips,
+sources, checksums). Because the split is decided per document and rows keep file order, the merged dataset
+holds the same documents and tokens in the same order as a one-process ``prepare`` of the same inputs (the
+loader serves the same batches); ``slurm/prepare.sbatch`` runs the parts as an array job.
+
 GPT rows end with the end-of-document token. BERT rows are cut into sentences (after ``. ! ?``
 followed by space, after ``。！？；…`` and at blank lines; each sentence is tokenized on its own) and
 carry ``sentence_lengths`` for masked-LM / NSP pair building; they have no eos.
@@ -293,11 +300,17 @@ def prepare_dataset(
     character_coverage: Optional[float] = None,
     overwrite: bool = False,
     batch_chars: int = 1 << 20,
+    part: Optional[tuple[int, int]] = None,
+    reuse: bool = False,
 ) -> Manifest:
     """Tokenize ``inputs`` into a dataset folder ``output`` and return its manifest.
 
     ``tokenizer``: a :class:`~llmscale.data.tokenizer.Tokenizer`, a tokenizer folder, or None to train
-    one (``vocab_size``, ``model_type``) on the same inputs into ``output/tokenizer``.
+    one (``vocab_size``, ``model_type``) on the same inputs into ``output/tokenizer``. ``part=(i, n)``: only
+    the i-th of n ranges of the input files, into ``output.parts/part-I-of-N`` (a tokenizer is required: every
+    part must use the same one); :func:`merge_parts` joins them. ``reuse``: when ``output`` already holds a
+    complete dataset of the same inputs and settings, return it instead of refusing (a re-run pipeline step or
+    array task does not redo finished work).
     """
     from llmscale.data.tokenizer import DEFAULT_SAMPLE_BYTES, Tokenizer, train_tokenizer
 
@@ -317,6 +330,17 @@ def prepare_dataset(
     num_proc = _default_num_proc() if not num_proc or num_proc < 1 else int(num_proc)
     output = Path(output).absolute()
     files = resolve_inputs(inputs)  # missing paths fail here, before any work
+    all_files = files
+    if part is not None:
+        index, count = part
+        if not (count >= 1 and 0 <= index < count):
+            raise PrepareError(f"--part {index}/{count}: give I/N with 0 <= I < N (e.g. --part 0/3).")
+        if tokenizer is None:
+            raise PrepareError("--part needs --tokenizer: every part must tokenize with the same tokenizer (train it "
+                               "once with `llmscale tokenizer train`, then run the parts).")
+        files = part_files(files, index, count)
+        output = parts_dir(output) / part_name(index, count)
+        reuse = True  # a re-run array task keeps a finished part
 
     tok = None
     if tokenizer is not None:
@@ -325,6 +349,20 @@ def prepare_dataset(
         raise PrepareError("Give a tokenizer (--tokenizer DIR) or the size of one to train "
                            "(--vocab-size N, e.g. 8000).")
 
+    if reuse and not overwrite and (output / MANIFEST).is_file():
+        done = read_manifest(output)
+        want = {"inputs": [str(i) for i in inputs], "format": format, "seq_len": seq_len, "val_fraction": val_fraction,
+                "shard_tokens": shard_tokens, "text_field": text_field, "seed": seed, "doc_split": doc_split,
+                "doc_chars": doc_chars, "max_doc_chars": max_doc_chars}
+        have = {k: done.data.get("args", {}).get(k) for k in want}
+        same_tok = tok is None or tok.hash == done.tokenizer_hash
+        if have == want and same_tok:
+            log.info("%s already holds this dataset (same inputs and settings%s): reused, nothing done", output,
+                     ", same tokenizer" if tok is not None else "")
+            return done
+        raise PrepareError(f"--reuse: {output} holds a dataset made with other inputs or settings "
+                           f"({', '.join(k for k in want if have[k] != want[k]) or 'tokenizer'}); pass --overwrite to "
+                           f"rebuild it, or choose another --output.")
     output.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(output)
     replace = _check_output(output, overwrite=overwrite, tokenizer_hash=tok.hash if tok else None)
@@ -345,8 +383,10 @@ def prepare_dataset(
         manifest_data = _tokenize_into(
             stage, files, tok, format=format, seq_len=seq_len, val_fraction=val_fraction, num_proc=num_proc,
             shard_tokens=shard_tokens, text_field=text_field, seed=seed, doc_split=doc_split, doc_chars=doc_chars,
-            max_doc_chars=max_doc_chars, batch_chars=batch_chars,
+            max_doc_chars=max_doc_chars, batch_chars=batch_chars, whole=part is None,
         )
+        if part is not None:
+            manifest_data["part"] = {"index": part[0], "count": part[1], "all_sources": [str(f) for f in all_files]}
         manifest_data["args"] = {
             "inputs": [str(i) for i in inputs], "format": format, "seq_len": seq_len, "val_fraction": val_fraction,
             "num_proc": num_proc, "shard_tokens": shard_tokens, "text_field": text_field, "seed": seed,
@@ -390,7 +430,10 @@ def _tokenize_into(
     doc_chars: int,
     max_doc_chars: int,
     batch_chars: int,
+    whole: bool = True,
 ) -> dict:
+    """``whole=False`` (a part of the inputs): no rule that needs the whole corpus (a non-empty validation split,
+    at least one training sequence); :func:`merge_parts` applies them to the merged dataset."""
     bert = format == "bert"
     dtype = token_dtype_for(tok.vocab_size)
     writers = {s: ShardWriter(stage, s, dtype=dtype, shard_tokens=shard_tokens, with_sentences=bert)
@@ -437,7 +480,7 @@ def _tokenize_into(
                 if held is not None:
                     write("train", *held)
                     held = None
-                if val_fraction > 0 and counts["val"]["num_documents"] == 0 and part == 0:
+                if whole and val_fraction > 0 and counts["val"]["num_documents"] == 0 and part == 0:
                     # Keep the newest train document back while val is empty: if val stays empty, it
                     # becomes val. Only whole documents: a continuation piece (part > 0) releases it.
                     held = (ids, sl, nbytes)
@@ -452,12 +495,12 @@ def _tokenize_into(
              "repaired %s, %d documents cut into pieces", stats.files, stats.bytes_read / 1e6, dt,
              stats.bytes_read / 1e6 / max(dt, 1e-9), stats.documents_read, n_written, stats.documents_skipped,
              dict(stats.skipped) or "", dict(stats.repaired) or "{}", stats.documents_split)
-    if n_written == 0:
+    if n_written == 0 and whole:
         raise PrepareError(
             f"No document to write: {stats.documents_read} read, all skipped ({dict(stats.skipped)}). Check --input "
             f"and --text-field.")
     ntrain = counts["train"]["num_tokens"]
-    if not bert and ntrain < seq_len + 1:
+    if whole and not bert and ntrain < seq_len + 1:
         raise PrepareError(
             f"The corpus is smaller than one training sequence: {ntrain} train tokens, but --seq-len {seq_len} needs "
             f"{seq_len + 1}. Pass --seq-len {max(2, ntrain - 1) if ntrain > 2 else 2} or less (or --val-fraction 0), "
@@ -466,7 +509,7 @@ def _tokenize_into(
         log.warning("the validation split has %d tokens, less than one sequence of %d: validation will use a short "
                     "window. Raise --val-fraction for a bigger validation split.", counts["val"]["num_tokens"],
                     seq_len + 1)
-    if val_fraction > 0 and counts["val"]["num_documents"] == 0:
+    if whole and val_fraction > 0 and counts["val"]["num_documents"] == 0:
         log.warning("no validation split: %d document(s) written, none picked for validation. Give more documents "
                     "(e.g. --doc-split paragraph) or raise --val-fraction.", n_docs)
     return {
@@ -491,3 +534,143 @@ def _tokenize_into(
         },
         "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
     }
+
+
+# --------------------------------------------------------------------------- parts (across nodes) and their merge
+
+
+def parts_dir(output: str | os.PathLike) -> Path:
+    """Where the parts of dataset ``output`` go: ``output.parts``."""
+    output = Path(output).absolute()
+    return output.parent / f"{output.name}.parts"
+
+
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+def part_files(files: list[Path], index: int, count: int) -> list[Path]:
+    """The i-th of ``count`` contiguous ranges of ``files``, balanced by bytes: a file belongs to the part in
+    which the middle of its bytes falls. Every file is in exactly one part; a part may be empty."""
+    sizes = [max(f.stat().st_size, 1) for f in files]
+    total = float(sum(sizes))
+    out, before = [], 0
+    for f, n in zip(files, sizes):
+        if min(int((before + n / 2) / total * count), count - 1) == index:
+            out.append(f)
+        before += n
+    return out
+
+
+_SAME_ACROSS_PARTS = ("kind", "token_dtype", "seq_len", "eos_appended")
+_SAME_ARGS = ("format", "seq_len", "val_fraction", "shard_tokens", "text_field", "seed", "doc_split", "doc_chars",
+              "max_doc_chars")
+
+
+def merge_parts(output: str | os.PathLike, *, overwrite: bool = False) -> Manifest:
+    """Write dataset ``output`` from the complete parts in ``output.parts`` (all n of them, same tokenizer and
+    settings): their shards, renumbered in part order (hard links, else copies; the parts are removed once the
+    merged manifest is written), one manifest with the summed counts and read statistics and every source. The
+    rules that need the whole corpus (training split at least one sequence; a validation split, when asked for)
+    are checked here. Re-running after an interruption starts again from the parts."""
+    t0 = time.time()
+    output = Path(output).absolute()
+    pdir = parts_dir(output)
+    if not pdir.is_dir():
+        if (output / MANIFEST).is_file():
+            log.info("%s is already merged (no %s left)", output, pdir.name)
+            return read_manifest(output)
+        raise PrepareError(f"no parts to merge: {pdir} does not exist. Run `llmscale prepare ... --output {output} "
+                           f"--part I/N` for every I first (slurm/prepare.sbatch as an array job does).")
+    found = sorted(p for p in pdir.iterdir() if re.fullmatch(r"part-\d{5}-of-\d{5}", p.name))
+    counts = {int(p.name.split("-of-")[1]) for p in found}
+    if len(counts) != 1:
+        raise PrepareError(f"{pdir} holds parts of different splits ({sorted(counts)}): remove the stale ones and "
+                           f"re-run the parts.")
+    count = counts.pop()
+    missing = [part_name(i, count) for i in range(count) if not (pdir / part_name(i, count) / MANIFEST).is_file()]
+    if missing:
+        raise PrepareError(f"{pdir}: {len(missing)} of {count} parts are missing or incomplete "
+                           f"({', '.join(missing[:5])}): run those parts (or re-submit the array) before merging.")
+    parts = [read_manifest(pdir / part_name(i, count)) for i in range(count)]
+    first = parts[0].data
+    for m in parts[1:]:
+        d = m.data
+        diff = [k for k in _SAME_ACROSS_PARTS if d.get(k) != first.get(k)]
+        diff += [f"args.{k}" for k in _SAME_ARGS if d["args"].get(k) != first["args"].get(k)]
+        if d["tokenizer"]["hash"] != first["tokenizer"]["hash"]:
+            diff.append("tokenizer")
+        if d.get("part", {}).get("all_sources") != first.get("part", {}).get("all_sources"):
+            diff.append("inputs")
+        if diff:
+            raise PrepareError(f"{m.root} was made with other settings than {parts[0].root} ({', '.join(diff)}): "
+                               f"re-run every part with the same command.")
+    _clean_stale(output)
+    replace = _check_output(output, overwrite=overwrite, tokenizer_hash=first["tokenizer"]["hash"])
+    stage = output.parent / f"{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        shutil.copytree(parts[0].tokenizer_dir(), stage / "tokenizer")
+        splits = {}
+        for split in ("train", "val"):
+            (stage / split).mkdir()
+            shards, totals = [], {"num_documents": 0, "num_tokens": 0, "num_bytes": 0}
+            for m in parts:
+                sp = m.data["splits"][split]
+                for k in totals:
+                    totals[k] += int(sp[k])
+                for sh in m.shards(split):
+                    rel = f"{split}/shard-{len(shards):05d}.arrow"
+                    try:
+                        os.link(m.root / sh.path, stage / rel)
+                    except OSError:
+                        shutil.copy2(m.root / sh.path, stage / rel)
+                    shards.append({**sh.to_dict(), "path": rel})
+            splits[split] = {**totals, "shards": shards}
+        data = {k: first[k] for k in ("kind", "tokenizer", "token_dtype", "seq_len", "eos_appended")}
+        stats: dict = {"documents_read": 0, "documents_written": 0, "documents_skipped": 0, "skipped_reasons": {},
+                       "documents_repaired": {}, "documents_split": 0, "files": 0, "bytes_read": 0,
+                       "chars_written": 0, "seconds": 0.0}
+        for m in parts:
+            st = m.data["stats"]
+            for k, v in st.items():
+                if isinstance(v, dict):
+                    for kk, vv in v.items():
+                        stats[k][kk] = stats[k].get(kk, 0) + vv
+                elif k in stats:
+                    stats[k] += v
+        if stats["documents_written"] == 0:
+            raise PrepareError(f"No document to write: {stats['documents_read']} read, all skipped "
+                               f"({stats['skipped_reasons']}). Check --input and --text-field.")
+        val_fraction = float(first["args"]["val_fraction"])
+        if val_fraction > 0 and splits["val"]["num_documents"] == 0:
+            raise PrepareError("no document of the whole corpus was picked for validation; a one-process `llmscale "
+                               "prepare` would move the last document there. Raise --val-fraction, give more "
+                               "documents (e.g. --doc-split paragraph), or prepare in one process.")
+        if first["kind"] == "gpt" and splits["train"]["num_tokens"] < int(first["seq_len"]) + 1:
+            raise PrepareError(f"The corpus is smaller than one training sequence: {splits['train']['num_tokens']} "
+                               f"train tokens, --seq-len {first['seq_len']} needs {int(first['seq_len']) + 1}.")
+        data.update(splits=splits, stats=stats,
+                    sources=[s for m in parts for s in m.data["sources"]],
+                    args={**first["args"], "inputs": first["args"]["inputs"], "num_proc": None},
+                    merged_from={"parts": count, "seconds_per_part": [m.data["stats"]["seconds"] for m in parts]})
+        write_manifest(stage, data)  # last: marks the merged dataset complete
+        fsync_dir(stage)
+        if replace:
+            old = output.parent / f"{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+            os.replace(stage, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, output)
+        fsync_dir(output.parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(pdir, ignore_errors=True)
+    m = read_manifest(output)
+    log.info("merged %d parts into %s in %.1fs: %d train / %d val documents, %d / %d tokens", count, output,
+             time.time() - t0, splits["train"]["num_documents"], splits["val"]["num_documents"],
+             m.num_tokens("train"), m.num_tokens("val"))
+    return m

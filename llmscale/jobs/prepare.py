@@ -43,17 +43,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234,
                    help="Seed of the train/validation split (and tokenizer sampling).")
     p.add_argument("--overwrite", action="store_true", help="Replace a complete dataset already at --output.")
+    p.add_argument("--reuse", action="store_true",
+                   help="If --output already holds a complete dataset of the same inputs and settings, keep it and "
+                        "exit 0 (a re-run pipeline step does not redo the work).")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="Tokenize only the I-th of N ranges of the input files (0 <= I < N, balanced by bytes) into "
+                        "OUTPUT.parts/; needs --tokenizer. `llmscale data merge OUTPUT` joins the N parts "
+                        "(slurm/prepare.sbatch as an array job does both).")
 
 
 def main(args: argparse.Namespace) -> int:
-    from llmscale.data.prepare import prepare_dataset
+    from llmscale.data.prepare import PrepareError, prepare_dataset
 
+    part = None
+    if args.part is not None:
+        try:
+            i, n = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise PrepareError(f"--part {args.part!r}: give I/N, e.g. --part 0/3.") from None
+        part = (i, n)
     m = prepare_dataset(
         args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model_type=args.model_type,
         character_coverage=args.character_coverage, format=args.format, seq_len=args.seq_len,
         val_fraction=args.val_fraction, num_proc=args.num_proc,
         shard_tokens=args.shard_tokens, text_field=args.text_field, seed=args.seed, doc_split=args.doc_split,
         doc_chars=args.doc_chars, max_doc_chars=args.max_doc_chars, overwrite=args.overwrite,
+        part=part, reuse=args.reuse,
     )
     d = m.data
     print(json.dumps({
