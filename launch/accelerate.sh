@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on this machine through `accelerate launch` (same ranks as launch/torchrun.sh; for users whose
-# tooling expects accelerate). The settings live in launch/accelerate_config.yaml.
+# tooling expects accelerate). The settings live in launch/accelerate/multi_gpu.yaml.
 #
 #   launch/accelerate.sh CONFIG [key=value ...]        # N = visible GPUs, or 2 without a GPU
 #   NPROC=4 launch/accelerate.sh configs/quickstart.yaml train.steps=100
@@ -12,5 +12,5 @@
 set -euo pipefail
 LAUNCHER="${BASH_SOURCE[0]}"
 source "$(dirname "$LAUNCHER")/_env.sh"
-run_ranks "$PYTHON" -m accelerate.commands.launch --config_file "${ACCELERATE_CONFIG:-$ROOT/launch/accelerate_config.yaml}" \
+run_ranks "$PYTHON" -m accelerate.commands.launch --config_file "${ACCELERATE_CONFIG:-$ROOT/launch/accelerate/multi_gpu.yaml}" \
     --num_processes "$NPROC" -m llmscale train "$@"

@@ -1,4 +1,4 @@
-"""Workstation launchers (launch/torchrun.sh, launch/accelerate.sh + accelerate_config.yaml) run real
+"""Workstation launchers (launch/torchrun.sh, launch/accelerate.sh + accelerate/multi_gpu.yaml) run real
 2-process jobs, and llmscale.dist.discover_world reads every launcher's environment layout."""
 from __future__ import annotations
 
@@ -133,12 +133,12 @@ def _check_probe(out: str) -> None:
 
 
 def test_accelerate_config_launches_two_ranks(tmp_path):
-    """accelerate launch with launch/accelerate_config.yaml gives ranks that discover_world understands."""
+    """accelerate launch with launch/accelerate/multi_gpu.yaml gives ranks that discover_world understands."""
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     p = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "launch" / "accelerate_config.yaml"), str(script)],
+         str(ROOT / "launch" / "accelerate" / "multi_gpu.yaml"), str(script)],
         env=cpu_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
@@ -298,3 +298,36 @@ def test_torchrun_two_nodes_in_network_namespaces(two_hosts, tiny_gpt_dataset, t
              if json.loads(line).get("kind") == "train"]
     assert steps == [2, 4, 6, 8, 10], steps
     assert (run_dir / "final" / "model.pt").is_file()
+
+
+# --------------------------------------------------------------------------- DeepSpeed's own launcher
+
+
+def test_local_rank_argument_of_the_deepspeed_launcher_is_taken_out(monkeypatch):
+    from llmscale.cli import _take_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _take_local_rank(["--local_rank=1", "train", "c.yaml"]) == ["train", "c.yaml"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert _take_local_rank(["--local-rank", "1", "train"]) == ["train"]
+    with pytest.raises(SystemExit, match="--local_rank=0 but LOCAL_RANK=1"):
+        _take_local_rank(["--local_rank=0", "train"])
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_two_ranks(tiny_gpt_dataset, tiny_config, tmp_path):
+    """`deepspeed --num_gpus 2 --module llmscale train CONFIG` on the CPU: the launcher's --local_rank and its
+    RANK/WORLD_SIZE/MASTER_* variables give two data-parallel ranks that train to the end. (Several nodes with a
+    hostfile go through pdsh/ssh, which this machine has not: untested here.)"""
+    from llmscale.dist import free_port
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", dataset=tiny_gpt_dataset, run_dir=run_dir, steps=4)
+    launcher = Path(sys.executable).parent / "deepspeed"
+    p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "llmscale",
+                        "train", str(cfg), "train.log_every=2"],
+                       env=cpu_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-6000:]
+    assert "dp=2" in out, out[-3000:]
+    assert [r["step"] for r in metrics_records(run_dir, "train")] == [2, 4]
