@@ -1,234 +1,45 @@
-"""A real one-node SLURM cluster (munged + slurmctld + slurmd from Debian's slurm-wlm) built in a
-temporary folder, and real jobs submitted to it with sbatch/srun: the distributed rank discovery under
+"""A real one-node SLURM cluster (munged + slurmctld + slurmd from Debian's slurm-wlm, tests/_slurm_cluster.py)
+built in a temporary folder, and real jobs submitted to it with sbatch/srun: the distributed rank discovery under
 srun, slurm/train.sbatch end to end, and preemption -> checkpoint -> `scontrol requeue` -> resume.
 
-The cluster: NodeName=localhost (CPUs=2) in one partition, munge with its own key and socket, every
-state/spool/log/pid path and both ports private to this test, SLURM_CONF pointing at the generated
-slurm.conf (given to every client command and inherited by the jobs). Needs root (the daemons run as
-SlurmUser=root) and the binaries; CI installs them (`apt-get install slurm-wlm munge`, see .ci/run).
+The cluster: NodeName=localhost (CPUs=2) in one partition. Needs root (the daemons run as SlurmUser=root) and the
+binaries; CI installs them (`apt-get install slurm-wlm munge`, see .ci/run).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
 from llmscale.testing import metrics_records
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _slurm_cluster as SC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 
 pytestmark = pytest.mark.slurm
 
-_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
-
-
-def _missing_reason() -> Optional[str]:
-    missing = [b for b in _BINARIES if shutil.which(b) is None]
-    if missing:
-        return (f"SLURM test cluster needs {', '.join(missing)} (install as root: "
-                f"apt-get install slurm-wlm munge)")
-    if os.geteuid() != 0:
-        return "SLURM test cluster needs root (slurmd launches jobs as SlurmUser=root)"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class SlurmCluster:
-    root: Path
-    env: dict
-    procs: dict = field(default_factory=dict)  # name -> Popen
-
-    def cmd(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        p = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"`{' '.join(args)}` exited {p.returncode}: {p.stderr.strip()}\n{self.logs()}")
-        return p
-
-    def sbatch(self, script: Path, *args: str, options: tuple = (), env: Optional[dict] = None) -> int:
-        p = subprocess.run(
-            ["sbatch", "--parsable", *options, str(script), *args],
-            env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60,
-        )
-        assert p.returncode == 0, f"sbatch failed ({p.returncode}): {p.stderr}\n{self.logs()}"
-        return int(p.stdout.strip().split(";")[0])
-
-    def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, ...)."""
-        out = self.cmd("scontrol", "show", "job", "-o", str(job_id)).stdout
-        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-    def wait_job(self, job_id: int, states: tuple[str, ...], *, timeout: float, log: Optional[Path] = None) -> dict:
-        deadline = time.monotonic() + timeout
-        info: dict = {}
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if info.get("JobState") in states:
-                return info
-            time.sleep(0.5)
-        text = log.read_text() if log and log.exists() else "(no job log)"
-        raise AssertionError(
-            f"job {job_id} not in {states} after {timeout}s: {info.get('JobState')} "
-            f"({info.get('Reason')})\n--- job log ---\n{text[-6000:]}\n{self.logs()}"
-        )
-
-    def logs(self, tail: int = 2500) -> str:
-        parts = []
-        for name in ("munged.log", "slurmctld.log", "slurmd.log"):
-            f = self.root / "log" / name
-            if f.exists():
-                parts.append(f"--- {name} ---\n{f.read_text(errors='replace')[-tail:]}")
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        # Cancel what still runs so no job outlives its cluster, then stop the daemons we started.
-        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True, timeout=30)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                q = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, timeout=30)
-                if q.returncode != 0 or not q.stdout.strip():
-                    break
-                time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
-            p = self.procs.get(name)
-            if p is None or p.poll() is not None:
-                continue
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def _slurm_conf(root: Path, *, ctld_port: int, slurmd_port: int) -> str:
-    # Kept as small as Slurm 22.05/23.x allow: no cgroups (proctrack/linuxproc, task/none), no
-    # accounting; the node's CPUs/memory are taken as configured (config_overrides) so the test does
-    # not depend on the machine's size. cred_expire also sets how long a requeued job waits before it
-    # may start again (default 120 s); the scheduler runs every second instead of every minute.
-    return textwrap.dedent(f"""\
-        ClusterName=llmscaletest
-        SlurmctldHost=localhost(127.0.0.1)
-        SlurmctldPort={ctld_port}
-        SlurmdPort={slurmd_port}
-        SlurmUser=root
-        SlurmdUser=root
-        AuthType=auth/munge
-        CredType=cred/munge
-        AuthInfo=socket={root}/munge/munge.sock,cred_expire=5
-        StateSaveLocation={root}/state
-        SlurmdSpoolDir={root}/spool
-        SlurmctldPidFile={root}/run/slurmctld.pid
-        SlurmdPidFile={root}/run/slurmd.pid
-        SlurmctldLogFile={root}/log/slurmctld.log
-        SlurmdLogFile={root}/log/slurmd.log
-        SlurmctldDebug=info
-        SlurmdDebug=info
-        MailProg=/bin/true
-        ProctrackType=proctrack/linuxproc
-        TaskPlugin=task/none
-        SelectType=select/cons_tres
-        SelectTypeParameters=CR_CPU
-        SchedulerType=sched/backfill
-        SchedulerParameters=sched_interval=1,bf_interval=1
-        MpiDefault=none
-        SwitchType=switch/none
-        JobAcctGatherType=jobacct_gather/none
-        AccountingStorageType=accounting_storage/none
-        JobCompType=jobcomp/none
-        SlurmdParameters=config_overrides
-        ReturnToService=2
-        JobRequeue=1
-        KillWait=20
-        MinJobAge=3600
-        InactiveLimit=0
-        NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
-        PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-        """)
-
-
-def _start(cluster: SlurmCluster, name: str, args: list[str]) -> None:
-    out = open(cluster.root / "log" / f"{name}.out", "w")
-    cluster.procs[name] = subprocess.Popen(args, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
-
-
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    reason = _missing_reason()
+    reason = SC.missing_reason()
     if reason:
         pytest.skip(reason)
-    # Short path: the munge socket path must stay under the 108-byte limit of unix sockets.
-    root = Path(tempfile.mkdtemp(prefix="llmscale-slurm-"))
-    for d in ("munge", "state", "spool", "log", "run", "jobs"):
-        (root / d).mkdir()
-    (root / "munge").chmod(0o755)
-    key = root / "munge" / "munge.key"
-    if shutil.which("mungekey"):
-        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
-    else:
-        key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    conf = root / "slurm.conf"
-    ctld_port = _free_port()
-    slurmd_port = _free_port()
-    while slurmd_port == ctld_port:
-        slurmd_port = _free_port()
-    conf.write_text(_slurm_conf(root, ctld_port=ctld_port, slurmd_port=slurmd_port))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
-        del env[k]  # a surrounding real SLURM job must not leak into the test cluster's jobs
-    cluster = SlurmCluster(root=root, env=env)
+    cluster = SC.start_cluster(nodes=1)
     try:
-        _start(cluster, "munged", [
-            "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={root}/munge/munge.sock",
-            f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
-            f"--seed-file={root}/munge/munged.seed",
-        ])
-        deadline = time.monotonic() + 20
-        while not (root / "munge" / "munge.sock").exists():
-            assert cluster.procs["munged"].poll() is None and time.monotonic() < deadline, \
-                f"munged did not start:\n{(root / 'log' / 'munged.out').read_text()}\n{cluster.logs()}"
-            time.sleep(0.1)
-        _start(cluster, "slurmctld", ["slurmctld", "-D", "-i"])
-        _start(cluster, "slurmd", ["slurmd", "-D", "-N", "localhost"])
-        deadline = time.monotonic() + 60
-        state = ""
-        while time.monotonic() < deadline:
-            for name, p in cluster.procs.items():
-                assert p.poll() is None, (
-                    f"{name} exited with {p.returncode}:\n{(root / 'log' / f'{name}.out').read_text()[-3000:]}\n"
-                    f"{cluster.logs()}")
-            q = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], env=env, capture_output=True,
-                               text=True, timeout=30)
-            state = q.stdout.strip()
-            if state == "idle":
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"node not idle after 60 s (sinfo: {state!r})\n{cluster.logs()}")
         yield cluster
     finally:
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- tests
@@ -400,3 +211,123 @@ def test_train_sbatch_refuses_misuse(tmp_path):
     p = subprocess.run(["bash", str(TRAIN_SBATCH), "missing.yaml"], env={**env, "SLURM_JOB_ID": "7"},
                        capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert p.returncode == 2 and "config missing.yaml not found" in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------- the whole pipeline, chained
+
+
+def _job_times(cluster, jid: int) -> tuple[str, str]:
+    info = cluster.job(jid)
+    return info["StartTime"], info["EndTime"]
+
+
+@pytest.mark.slow
+def test_pipeline_prepare_train_finetune_eval_chained_and_rerun_skips(slurm_cluster, corpus_path, tiny_config,
+                                                                     tmp_path):
+    """slurm/pipeline.sh submits prepare -> pretrain -> fine-tune (SFT) -> eval as jobs chained with afterok; the
+    eval job writes results.json. Submitted again, every stage finds its done-marker and runs nothing."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_path.read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    ds, pre, ft, ev = tmp_path / "ds", tmp_path / "pre", tmp_path / "ft", tmp_path / "eval"
+    train_cfg = tiny_config(tmp_path / "tiny.yaml", dataset=ds, run_dir=pre, steps=20, checkpoint={"every_steps": 10})
+    eval_cfg = tmp_path / "eval.yaml"
+    eval_cfg.write_text(textwrap.dedent(f"""\
+        model: {ft}
+        output_dir: {ev}
+        tasks: [perplexity]
+        batch_size: 4
+        perplexity: {{files: [{corpus}], context: 64, stride: 64}}
+        """))
+    cpu = " ".join(_CPU_JOB)
+    env = {**slurm_cluster.env, "PYTHON": sys.executable, "LLMSCALE_DIR": str(ROOT), "OMP_NUM_THREADS": "1",
+           "NAME": f"t{os.getpid()}", "SBATCH_OPTS": f"--output={tmp_path}/%x-%j.out",
+           "PREPARE_ARGS": f"--input {corpus} --output {ds} --vocab-size 400 --seq-len 64 --val-fraction 0.05 "
+                           f"--doc-split paragraph",
+           "PREPARE_OPTS": "--cpus-per-task=1 --mem=500M",
+           "TRAIN_CONFIG": str(train_cfg), "TRAIN_OPTS": cpu,
+           "FINETUNE_CONFIG": str(ROOT / "configs" / "finetune_sft_gpt.yaml"), "FINETUNE_OPTS": cpu,
+           "FINETUNE_ARGS": f"init.from={pre} run_dir={ft} train.steps=6 train.eval_every=6 train.log_every=2 "
+                            f"sft.max_len=64 parallel.micro_batch_size=4 parallel.global_batch_size=8 "
+                            f"checkpoint.every_steps=0 train.tensorboard=false",
+           "EVAL_CONFIG": str(eval_cfg), "EVAL_OPTS": cpu}
+    marks = ROOT / ".llmscale-jobs" / env["NAME"]
+    try:
+        out = subprocess.run(["bash", str(ROOT / "slurm" / "pipeline.sh")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        ids = dict(kv.split("=") for kv in out.stdout.split())
+        assert list(ids) == ["prepare", "train", "finetune", "eval"], out.stdout
+        logs = lambda: "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))  # noqa: E731
+        info = slurm_cluster.wait_job(int(ids["eval"]), ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+        assert info["JobState"] == "COMPLETED", logs()
+        for a, b in (("prepare", "train"), ("train", "finetune"), ("finetune", "eval")):
+            assert _job_times(slurm_cluster, int(ids[b]))[0] >= _job_times(slurm_cluster, int(ids[a]))[1], (a, b)
+        res = json.loads((ev / "results.json").read_text())["tasks"]["perplexity"]
+        assert res["tokens"] > 0 and res["perplexity"] > 1, res
+        assert (ds / "manifest.json").is_file() and (ft / "final" / "model.pt").is_file()
+        assert sorted(p.name for p in marks.iterdir()) == ["eval.done", "finetune.done", "prepare.done", "train.done"]
+        # the same pipeline again: every stage is done already, none runs its work
+        before = (ev / "results.json").stat().st_mtime_ns
+        again = subprocess.run(["bash", str(ROOT / "slurm" / "pipeline.sh")], env=env, capture_output=True,
+                               text=True, timeout=120)
+        ids2 = dict(kv.split("=") for kv in again.stdout.split())
+        assert slurm_cluster.wait_job(int(ids2["eval"]), ("COMPLETED", "FAILED", "CANCELLED"),
+                                      timeout=300)["JobState"] == "COMPLETED", logs()
+        for stage, jid in ids2.items():
+            text = next(tmp_path.glob(f"*-{jid}.out")).read_text()
+            assert "already done" in text and "llmscale" in text, (stage, text)
+        assert (ev / "results.json").stat().st_mtime_ns == before
+    finally:
+        shutil.rmtree(marks, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- a time limit that really expires
+
+
+TL_STEPS = 2500  # about 75 s of training on one CPU per rank: longer than the warning leaves the first run
+
+
+@pytest.mark.slow
+def test_real_time_limit_warns_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
+        slurm_cluster, tiny_dataset, tiny_config, tmp_path):
+    """Submitted with --time=2 and --signal=B:USR1@60, the job really runs out of time: SLURM's own warning (not
+    scancel) reaches the script, the ranks checkpoint and exit 75, the job requeues (as often as needed) and ends
+    with the final weights of the same run submitted without a time limit. No step is trained twice."""
+    import torch
+
+    from llmscale.signals import EXIT_REQUEUE
+
+    runs = {}
+    for name, opts in (("ref", ()), ("limited", ("--time=2", "--signal=B:USR1@60"))):
+        run_dir = tmp_path / name
+        cfg = tiny_config(tmp_path / f"{name}.yaml", dataset=tiny_dataset, run_dir=run_dir, steps=TL_STEPS,
+                          checkpoint={"every_steps": 0})
+        log = tmp_path / f"{name}.out"
+        jid = slurm_cluster.sbatch(TRAIN_SBATCH, str(cfg), "train.log_every=50", "train.eval_every=0",
+                                   options=(*_CPU_JOB, *opts, f"--output={log}"),
+                                   env={"PYTHON": sys.executable, "LLMSCALE_DIR": str(ROOT), "OMP_NUM_THREADS": "1"})
+        runs[name] = (jid, run_dir, log)
+        if name == "ref":  # one at a time: both want the node's two CPUs
+            info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED"), timeout=400, log=log)
+            submitted = time.mktime(time.strptime(info["SubmitTime"], "%Y-%m-%dT%H:%M:%S"))
+            first = _records(run_dir)[0]
+            print(f"\nsbatch -> first logged training step ({first['step']}): {first['time'] - submitted:.1f}s")
+    jid, run_dir, log = runs["limited"]
+    info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, text
+    assert "got SIGUSR1" in text and f"training step exited with code {EXIT_REQUEUE}" in text, text
+    assert "TIME LIMIT" not in text.upper().replace("TIMELIMIT", ""), text  # the warning came in time, every time
+    logged = [r["step"] for r in _records(run_dir)]
+    assert logged == sorted(set(logged)) and logged[-1] == TL_STEPS, logged  # no step logged twice: 0 lost
+    clock = r"\[train\.sbatch (\d\d):(\d\d):(\d\d) job \d+ restart {}\] {}"
+    warn = re.search(clock.format(0, "got SIGUSR1"), text)
+    again = re.search(clock.format(1, "nodes="), text)
+    if warn and again:
+        secs = [int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3)) for m in (warn, again)]
+        print(f"\ntime-limit warning -> job running again: {(secs[1] - secs[0]) % 86400}s; restarts "
+              f"{info['Restarts']}; steps trained twice: 0")
+    ref = torch.load(runs["ref"][1] / "final" / "model.pt", weights_only=True)
+    got = torch.load(run_dir / "final" / "model.pt", weights_only=True)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
