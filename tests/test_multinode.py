@@ -183,7 +183,7 @@ def test_dead_node_ends_the_job_in_bounded_time_and_the_requeued_job_resumes(clu
     assert re.search(r"lost rank\(s\) 1 on node2 10\.201\.0\.12", text), text
     assert "requeueing job" in text and "after the lost rank" in text, text
     # the survivor's exit, by the script's clock (UTC HH:MM:SS): within the bound
-    m = re.search(r"\[train\.sbatch (\d\d):(\d\d):(\d\d) job \d+ restart 0\] training step exited with code (\d+)",
+    m = re.search(r"\[train\.sbatch (\d\d):(\d\d):(\d\d) job \d+ restart 0\] train step exited with code (\d+)",
                   text)
     assert m, text
     t = time.gmtime(t_kill)

@@ -139,7 +139,7 @@ def test_train_sbatch_runs_two_ranks(uninterrupted_run):
     text, info, run_dir = uninterrupted_run["log"], uninterrupted_run["info"], uninterrupted_run["run_dir"]
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text
     assert "procs/node=2" in text and "accelerator=cpu" in text and "dp=2" in text, text
-    assert "training step exited with code 0" in text, text
+    assert "train step exited with code 0" in text, text
     steps = [r["step"] for r in _records(run_dir)]
     assert steps and steps[-1] == STEPS, steps
     assert [r["step"] for r in _records(run_dir, "val")] == [100, 200, 300]  # the override reached the trainer
@@ -178,7 +178,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_data
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
     assert "got SIGUSR1" in text, text
-    assert f"training step exited with code {EXIT_REQUEUE}" in text, text
+    assert f"train step exited with code {EXIT_REQUEUE}" in text, text
     assert "requeueing job" in text and "restart 1] nodes=" in text, text  # a second run of the same job
 
     saved = [c.step for c in list_checkpoints(run_dir) if c.complete]
@@ -316,7 +316,7 @@ def test_real_time_limit_warns_checkpoints_requeues_and_ends_like_an_uninterrupt
     info = slurm_cluster.wait_job(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900, log=log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, text
-    assert "got SIGUSR1" in text and f"training step exited with code {EXIT_REQUEUE}" in text, text
+    assert "got SIGUSR1" in text and f"train step exited with code {EXIT_REQUEUE}" in text, text
     assert "TIME LIMIT" not in text.upper().replace("TIMELIMIT", ""), text  # the warning came in time, every time
     logged = [r["step"] for r in _records(run_dir)]
     assert logged == sorted(set(logged)) and logged[-1] == TL_STEPS, logged  # no step logged twice: 0 lost
