@@ -368,7 +368,16 @@ class PeerMonitor:
                                     wait_for_workers=False)
         self._store.add(f"llmscale/hb/{self.rank}", 1)
         barrier()  # every counter exists before anyone reads them
-        self._thread = threading.Thread(target=self._run, name="llmscale-peer-monitor", daemon=True)
+        now = time.monotonic()
+        self._moved = [now] * self.world_size
+        self._counts = [-1] * self.world_size
+        self._done: set[int] = set()
+        self._store_ok = now
+        self._store_error = ""
+        # two threads: one talks to the store (a read from a host that vanished can block as long as the socket
+        # does), one only looks at the clock and decides, so the verdict never waits on the network
+        threading.Thread(target=self._beat, name="llmscale-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="llmscale-peer-monitor", daemon=True)
         self._thread.start()
         return self
 
@@ -376,40 +385,41 @@ class PeerMonitor:
         """This rank is done (normal end): the others no longer expect its heartbeat. Collective."""
         if self._thread is None:
             return
+        self._stop.set()
         try:
             self._store.add(f"llmscale/done/{self.rank}", 1)
         except Exception:  # noqa: BLE001 - the store's host already gone at the end: nothing to tell
             pass
-        self._stop.set()
         self._thread.join(timeout=self.interval_s * 3)
         self._thread = None
 
-    def _run(self) -> None:
-        counts = [-1] * self.world_size
-        moved = [time.monotonic()] * self.world_size
-        store_ok = time.monotonic()
-        while not self._stop.wait(self.interval_s):
-            now = time.monotonic()
+    def _beat(self) -> None:
+        """Add 1 to this rank's counter and read everyone's, every interval."""
+        while not self._stop.is_set():
             try:
                 self._store.add(f"llmscale/hb/{self.rank}", 1)
+                now = time.monotonic()
                 for r in range(self.world_size):
                     c = self._store.add(f"llmscale/hb/{r}", 0)
-                    if c != counts[r]:
-                        counts[r], moved[r] = c, now
-                done = {r for r in range(self.world_size) if self._store.add(f"llmscale/done/{r}", 0)}
-                store_ok = now
-            except Exception as e:  # noqa: BLE001 - the store's host is unreachable
-                if now - store_ok > self.timeout_s:
-                    self._declare([0], f"the job's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                                       f"{os.environ.get('MASTER_PORT')} has not answered for "
-                                       f"{now - store_ok:.0f}s ({type(e).__name__}: {e})")
-                continue
-            if self._stop.is_set():
-                return
+                    if c != self._counts[r]:
+                        self._counts[r], self._moved[r] = c, now
+                self._done = {r for r in range(self.world_size) if self._store.add(f"llmscale/done/{r}", 0)}
+                self._store_ok = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - the store's host is unreachable: the watcher decides
+                self._store_error = f"{type(e).__name__}: {e}"
+            self._stop.wait(self.interval_s)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            if now - self._store_ok > self.timeout_s:
+                self._declare([0], f"the job's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                                   f"{os.environ.get('MASTER_PORT')} has not answered for {now - self._store_ok:.0f}s"
+                                   f"{' (' + self._store_error + ')' if self._store_error else ''}")
             lost = [r for r in range(self.world_size)
-                    if r != self.rank and r not in done and now - moved[r] > self.timeout_s]
-            if lost:
-                self._declare(lost, f"no heartbeat for {max(now - moved[r] for r in lost):.0f}s")
+                    if r != self.rank and r not in self._done and now - self._moved[r] > self.timeout_s]
+            if lost and not self._stop.is_set():
+                self._declare(lost, f"no heartbeat for {max(now - self._moved[r] for r in lost):.0f}s")
 
     def _declare(self, lost: list[int], why: str) -> None:
         import json

@@ -208,6 +208,7 @@ def make_netns_nodes(count: int, tag: str, *, subnet: int = 201) -> list[Node]:
         ns, host_if, node_if = f"{tag}n{i}", f"{tag}h{i}", f"{tag}v{i}"
         addr = f"10.{subnet}.0.{10 + i}"
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)  # left by a run that was killed
         _ip("netns", "add", ns)
         _ip("link", "add", host_if, "type", "veth", "peer", "name", node_if)
         _ip("link", "set", node_if, "netns", ns)
@@ -222,9 +223,17 @@ def make_netns_nodes(count: int, tag: str, *, subnet: int = 201) -> list[Node]:
 
 
 def remove_netns_nodes(nodes: list[Node]) -> None:
+    """Kill what still runs in the namespaces (by pid: processes of the tests only; torchrun's workers live in
+    sessions of their own and outlive their launcher's process group), then remove them and their bridge."""
     bridges = set()
     for n in nodes:
         if n.netns:
+            pids = subprocess.run(["ip", "netns", "pids", n.netns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             subprocess.run(["ip", "netns", "del", n.netns], capture_output=True)
             bridges.add(n.netns.rsplit("n", 1)[0] + "br0")
     for b in bridges:

@@ -247,8 +247,18 @@ def test_torchrun_on_two_hosts_one_cut_off_the_survivor_names_it_and_exits_76(ne
         assert f"exiting with code {EXIT_PEER_LOST}" in text, text
         assert took <= PEER_TIMEOUT + 2 * max(PEER_TIMEOUT / 12, 0.5) + 30, took
         print(f"\nnetns torchrun: host cut off -> survivor's launcher exited in {took:.1f}s")
+        # the cut-off host's rank lost the store (rank 0's host): it ends itself too, in the same bound
+        log2 = tmp_path / "host2.log"
+        deadline = time.monotonic() + PEER_TIMEOUT + 60
+        while "has not answered" not in log2.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text2 = log2.read_text(errors="replace")
+        assert "rendezvous store" in text2 and "has not answered" in text2, text2[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
+        for node in netns_hosts:  # the ranks: torchrun starts each in a session of its own
+            for pid in SC.pids_in(node, needle="llmscale"):
+                os.kill(pid, signal.SIGKILL)
