@@ -236,33 +236,23 @@ def test_launcher_without_config_explains_usage():
 
 @pytest.fixture
 def two_hosts():
-    """Two network namespaces joined by a veth pair: host a = 10.231.N.1, host b = 10.231.N.2. Only these
-    private namespaces get addresses; the machine's own network is untouched. Yields
-    [(namespace, address, interface), ...]; deleting the namespaces removes the veth pair too."""
+    """Two network namespaces on a bridge (tests/_slurm_cluster.make_netns_nodes): host a = 10.231.0.11, host b =
+    10.231.0.12. Only these private namespaces and their bridge get addresses; the machine's own network is
+    untouched. Yields [(namespace, address, interface), ...]."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _slurm_cluster as SC
+
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 (`ip netns`) to build two network namespaces")
-    tag = f"lls{os.getpid() % 100000}"
-    subnet = f"10.231.{os.getpid() % 250}"
-    hosts = [(f"{tag}a", f"{subnet}.1", f"{tag}va"), (f"{tag}b", f"{subnet}.2", f"{tag}vb")]
-    first = subprocess.run(["ip", "netns", "add", hosts[0][0]], capture_output=True, text=True)
+    first = subprocess.run(["ip", "netns", "add", f"llmcprobe{os.getpid()}"], capture_output=True, text=True)
     if first.returncode != 0:
         pytest.skip(f"cannot create a network namespace here: {first.stderr.strip()}")
-    created = [hosts[0][0]]
+    subprocess.run(["ip", "netns", "del", f"llmcprobe{os.getpid()}"], capture_output=True)
+    nodes = SC.make_netns_nodes(2, "llmc", subnet=231)
     try:
-        subprocess.run(["ip", "netns", "add", hosts[1][0]], check=True, capture_output=True)
-        created.append(hosts[1][0])
-        subprocess.run(["ip", "link", "add", hosts[0][2], "type", "veth", "peer", "name", hosts[1][2]],
-                       check=True, capture_output=True)
-        for ns, addr, iface in hosts:
-            for cmd in (["ip", "link", "set", iface, "netns", ns],
-                        ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", iface],
-                        ["ip", "-n", ns, "link", "set", iface, "up"],
-                        ["ip", "-n", ns, "link", "set", "lo", "up"]):
-                subprocess.run(cmd, check=True, capture_output=True)
-        yield hosts
+        yield [(n.netns, n.addr, f"llmcv{i + 1}") for i, n in enumerate(nodes)]
     finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        SC.remove_netns_nodes(nodes)
 
 
 @pytest.mark.slow

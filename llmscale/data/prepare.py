@@ -136,6 +136,20 @@ def _clean_stale(output: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _publish(stage: Path, output: Path, *, replace: bool) -> None:
+    """Make the complete staged folder ``stage`` (manifest written) the dataset ``output``: a rename, after moving
+    an old dataset aside when ``replace``; durable before returning."""
+    fsync_dir(stage)
+    if replace:
+        old = output.parent / f"{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(stage, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, output)
+    fsync_dir(output.parent)
+
+
 def _check_output(output: Path, *, overwrite: bool, tokenizer_hash: Optional[str]) -> bool:
     """Whether DIR exists and will be replaced. Raises when it must not be touched."""
     if not output.exists():
@@ -393,15 +407,7 @@ def prepare_dataset(
             "doc_split": doc_split, "doc_chars": doc_chars, "max_doc_chars": max_doc_chars,
         }
         write_manifest(stage, manifest_data)  # last: marks the staged dataset complete
-        fsync_dir(stage)
-        if replace:
-            old = output.parent / f"{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(stage, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, output)
-        fsync_dir(output.parent)
+        _publish(stage, output, replace=replace)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -653,18 +659,10 @@ def merge_parts(output: str | os.PathLike, *, overwrite: bool = False) -> Manife
                                f"train tokens, --seq-len {first['seq_len']} needs {int(first['seq_len']) + 1}.")
         data.update(splits=splits, stats=stats,
                     sources=[s for m in parts for s in m.data["sources"]],
-                    args={**first["args"], "inputs": first["args"]["inputs"], "num_proc": None},
+                    args={**first["args"], "num_proc": None},
                     merged_from={"parts": count, "seconds_per_part": [m.data["stats"]["seconds"] for m in parts]})
         write_manifest(stage, data)  # last: marks the merged dataset complete
-        fsync_dir(stage)
-        if replace:
-            old = output.parent / f"{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(stage, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, output)
-        fsync_dir(output.parent)
+        _publish(stage, output, replace=replace)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
