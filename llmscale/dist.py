@@ -411,15 +411,24 @@ class PeerMonitor:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
-            now = time.monotonic()
-            if now - self._store_ok > self.timeout_s:
-                self._declare([0], f"the job's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                                   f"{os.environ.get('MASTER_PORT')} has not answered for {now - self._store_ok:.0f}s"
-                                   f"{' (' + self._store_error + ')' if self._store_error else ''}")
-            lost = [r for r in range(self.world_size)
-                    if r != self.rank and r not in self._done and now - self._moved[r] > self.timeout_s]
-            if lost and not self._stop.is_set():
-                self._declare(lost, f"no heartbeat for {max(now - self._moved[r] for r in lost):.0f}s")
+            verdict = self._verdict(time.monotonic())
+            if verdict and not self._stop.is_set():
+                self._declare(*verdict)
+
+    def _verdict(self, now: float) -> Optional[tuple[list[int], str]]:
+        """Who is lost at ``now``, and why; None while everyone is alive. A peer's silence is measured up to the
+        last read that reached the store: while the store does not answer, nobody's counter can be seen, and the
+        verdict is then about the store (its host is rank 0's), never a peer's heartbeat that merely went unread."""
+        if now - self._store_ok > self.timeout_s:
+            return [0], (f"the job's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                         f"{os.environ.get('MASTER_PORT')} has not answered for {now - self._store_ok:.0f}s"
+                         f"{' (' + self._store_error + ')' if self._store_error else ''}")
+        seen = self._store_ok
+        lost = [r for r in range(self.world_size)
+                if r != self.rank and r not in self._done and seen - self._moved[r] > self.timeout_s]
+        if lost:
+            return lost, f"no heartbeat for {max(seen - self._moved[r] for r in lost):.0f}s"
+        return None
 
     def _declare(self, lost: list[int], why: str) -> None:
         import json

@@ -73,3 +73,31 @@ def test_which_errors_wait_for_the_monitor(text, lost):
 
     assert looks_like_lost_peer(RuntimeError(text)) is lost
     assert looks_like_lost_peer(ValueError(text)) is False
+
+
+def _monitor_at(*, store_ok: float, moved: list[float], rank: int = 1):
+    from llmscale.dist import PeerMonitor
+
+    mon = PeerMonitor(timeout_s=15, interval_s=1.25)
+    mon.rank, mon.world_size = rank, len(moved)
+    mon._store_ok, mon._moved, mon._done, mon._store_error = store_ok, list(moved), set(), "TimeoutError: x"
+    return mon
+
+
+def test_a_store_that_stops_answering_is_the_verdict_not_a_peer_heartbeat_left_unread():
+    # the CI timeline of the cut-off host: its last read that reached the store was at t=100 and saw rank 0's
+    # counter last move at t=99 (rank 0 had not beaten again between two reads); from then on nothing is read
+    mon = _monitor_at(store_ok=100.0, moved=[99.0, 100.0])
+    assert mon._verdict(114.5) is None            # neither bound has passed since the last read
+    lost, why = mon._verdict(115.5)                # rank 0's counter is 16.5 s old, the store 15.5 s silent
+    assert lost == [0] and "rendezvous store" in why and "has not answered for 16s" in why, why
+
+
+def test_a_peer_whose_counter_stops_while_the_store_answers_is_lost_by_heartbeat():
+    mon = _monitor_at(store_ok=130.0, moved=[129.0, 115.5, 130.0], rank=0)
+    assert mon._verdict(130.5) is None             # rank 1's counter 14.5 s old at the last read: within 15 s
+    mon._moved[1] = 113.0
+    lost, why = mon._verdict(130.5)
+    assert lost == [1] and why == "no heartbeat for 17s", why
+    mon._done = {1}                                # a rank that said it is done is never lost
+    assert mon._verdict(130.5) is None
