@@ -265,6 +265,85 @@ def cut_off(node: Node) -> None:
             _ip("-n", node.netns, "link", "set", name, "down")
 
 
+SSH_BINARIES = ("sshd", "ssh", "ssh-keygen", "pdsh")
+
+
+@dataclass
+class SshHosts:
+    """sshd on each node (its namespace), reached with one key: ``bin_dir`` holds an ``ssh`` that uses this
+    setup's client configuration, to be put first on PATH (what a user's ~/.ssh/config does for them)."""
+    nodes: list[Node]
+    root: Path
+    bin_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def start_sshd(nodes: list[Node], root: Path) -> SshHosts:
+    """Passwordless root ssh to every node (namespace hosts): a host key and a client key made here, one
+    ``sshd -D`` per node listening on the node's address only; nothing of the machine's ssh setup is read or
+    changed (the client runs with ``-F`` this setup's config). Returns once every sshd accepts connections."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+    shutil.copy(root / "id.pub", root / "authorized_keys")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    hosts = SshHosts(nodes=nodes, root=root, bin_dir=root / "bin")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    try:
+        for n in nodes:
+            cfg = root / f"sshd-{n.name}.conf"
+            cfg.write_text(textwrap.dedent(f"""\
+                ListenAddress {n.addr}
+                Port 22
+                HostKey {root / "host_key"}
+                PidFile {root / f"sshd-{n.name}.pid"}
+                AuthorizedKeysFile {root / "authorized_keys"}
+                PermitRootLogin prohibit-password
+                PasswordAuthentication no
+                KbdInteractiveAuthentication no
+                UsePAM no
+                StrictModes no
+                """))
+            with open(root / f"sshd-{n.name}.log", "wb") as log:
+                hosts.procs.append(subprocess.Popen([*n.prefix(), sshd, "-D", "-e", "-f", str(cfg)],
+                                                    stdout=subprocess.DEVNULL, stderr=log))
+        (root / "ssh_config").write_text(textwrap.dedent(f"""\
+            Host {" ".join(n.addr for n in nodes)}
+                User root
+                IdentityFile {root / "id"}
+                IdentitiesOnly yes
+                StrictHostKeyChecking no
+                UserKnownHostsFile /dev/null
+                LogLevel ERROR
+                BatchMode yes
+            """))
+        hosts.bin_dir.mkdir()
+        wrapper = hosts.bin_dir / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {root / "ssh_config"} "$@"\n')
+        wrapper.chmod(0o755)
+        deadline = time.monotonic() + 30
+        for n in nodes:
+            while True:
+                try:
+                    socket.create_connection((n.addr, 22), timeout=1).close()
+                    break
+                except OSError as e:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"sshd on {n.addr} did not start: "
+                                           f"{(root / f'sshd-{n.name}.log').read_text(errors='replace')}") from e
+                    time.sleep(0.2)
+    except BaseException:
+        hosts.stop()
+        raise
+    return hosts
+
+
 def start_cluster(*, nodes: int = 1, cpus: int = 2) -> SlurmCluster:
     """Start munged, slurmctld and one slurmd per node; returns once every node is idle. ``nodes > 1`` puts
     each node in a network namespace of its own. Call :meth:`SlurmCluster.stop` (and for namespaces

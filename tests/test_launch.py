@@ -308,7 +308,7 @@ def test_local_rank_argument_of_the_deepspeed_launcher_is_taken_out(monkeypatch)
 def test_deepspeed_launcher_trains_two_ranks(tiny_gpt_dataset, tiny_config, tmp_path):
     """`deepspeed --num_gpus 2 --module llmscale train CONFIG` on the CPU: the launcher's --local_rank and its
     RANK/WORLD_SIZE/MASTER_* variables give two data-parallel ranks that train to the end. (Several nodes with a
-    hostfile go through pdsh/ssh, which this machine has not: untested here.)"""
+    hostfile, through pdsh/ssh: tests/test_multinode.py.)"""
     from llmscale.dist import free_port
 
     run_dir = tmp_path / "run"

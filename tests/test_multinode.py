@@ -7,9 +7,12 @@ its own address, the filesystem shared as on a cluster.
   merge equal to one ``prepare`` of the same inputs;
 * no SLURM: two torchrun agents on two namespace hosts (``--nnodes 2``); one host's link is cut mid-run (nothing
   closes its connections: the others learn it only by silence) and the survivor exits 76 within
-  ``train.peer_timeout_s``, naming the lost rank and its host.
+  ``train.peer_timeout_s``, naming the lost rank and its host;
+* no SLURM: DeepSpeed's own launcher with a hostfile of the two hosts, each running an sshd of its own (pdsh/ssh,
+  as on a cluster without a scheduler).
 
-Needs root (namespaces, the daemons) and, for the cluster, slurm-wlm + munge (CI installs them)."""
+Needs root (namespaces, the daemons); for the cluster slurm-wlm + munge, for DeepSpeed's launcher pdsh +
+openssh-server (CI installs them)."""
 from __future__ import annotations
 
 import os
@@ -262,3 +265,75 @@ def test_torchrun_on_two_hosts_one_cut_off_the_survivor_names_it_and_exits_76(ne
         for node in netns_hosts:  # the ranks: torchrun starts each in a session of its own
             for pid in SC.pids_in(node, needle="llmscale"):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- no SLURM: DeepSpeed's launcher, pdsh/ssh
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory):
+    """Two namespace hosts, each with its own sshd (passwordless root ssh with a key made here)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces, sshd)")
+    reason = SC.missing_reason(netns=True)
+    if reason and ("network namespaces" in reason or "nsenter" in reason):
+        pytest.skip(reason)
+    missing = [b for b in SC.SSH_BINARIES if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"DeepSpeed's multi-node launcher needs {', '.join(missing)} "
+                    "(install as root: apt-get install pdsh openssh-server openssh-client)")
+    nodes = SC.make_netns_nodes(2, "llmp", subnet=203)
+    hosts = None
+    try:
+        hosts = SC.start_sshd(nodes, tmp_path_factory.mktemp("ssh"))
+        yield hosts
+    finally:
+        if hosts is not None:
+            hosts.stop()
+        SC.remove_netns_nodes(nodes)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_a_hostfile_trains_across_two_hosts(ssh_hosts, tiny_gpt_dataset, tiny_config,
+                                                                   tmp_path):
+    """`deepspeed --hostfile H --module llmscale train CONFIG` as on a cluster without SLURM: DeepSpeed's runner
+    checks ssh, asks the first host for its address (`hostname -I`), and starts one launcher per host through
+    pdsh/ssh; the variables a user's `.deepspeed_env` lists reach the remote ranks. One rank per host, gloo between
+    the namespaces, a shared run directory: trains to the end, and the loss equals torchrun's 2 ranks on one
+    host."""
+    from llmscale.dist import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{n.addr} slots=1\n" for n in ssh_hosts.nodes))
+    (tmp_path / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\n")
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "tiny.yaml", dataset=tiny_gpt_dataset, run_dir=run_dir, steps=6)
+    launcher = Path(sys.executable).parent / "deepspeed"
+    env = cpu_env({"PATH": f"{ssh_hosts.bin_dir}:{os.environ['PATH']}"})
+    p = subprocess.run([str(launcher), "--hostfile", str(hostfile), "--master_port", str(free_port()), "--module",
+                        "llmscale", "train", str(cfg), "train.log_every=2"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-6000:]
+    a, b = (re.escape(n.addr) for n in ssh_hosts.nodes)
+    assert re.search(rf"Using IP address of {a} for node {a}", out), out[-3000:]
+    assert "export DS_ACCELERATOR=cpu; export OMP_NUM_THREADS=1;" in out, out[-3000:]  # from .deepspeed_env
+    # pdsh prefixes each line with the host it came from: rank 0 ran on host 1, rank 1 on host 2
+    assert re.search(rf"^{a}: .* r0 INFO\] .*dp=2", out, re.M), out[-3000:]
+    for host, rank in ((a, 0), (b, 1)):  # each host's launcher started its one rank and saw it succeed
+        assert re.search(rf"^{host}: .*nnodes=2, num_local_procs=1, node_rank={rank}$", out, re.M), out[-3000:]
+        assert re.search(rf"^{host}: .*Process \d+ exits successfully", out, re.M), out[-3000:]
+    got = [(r["step"], r["loss"]) for r in metrics_records(run_dir, "train")]
+    assert [s for s, _ in got] == [2, 4, 6], got
+
+    ref_dir = tmp_path / "ref"
+    ref_cfg = tiny_config(tmp_path / "ref.yaml", dataset=tiny_gpt_dataset, run_dir=ref_dir, steps=6)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                        f"--master-port={free_port()}", "-m", "llmscale", "train", str(ref_cfg), "train.log_every=2"],
+                       env=cpu_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    ref = [(s["step"], s["loss"]) for s in metrics_records(ref_dir, "train")]
+    assert [s for s, _ in ref] == [2, 4, 6], ref
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in ref], rel=1e-6), (got, ref)
