@@ -287,7 +287,10 @@ def ssh_hosts(tmp_path_factory):
     nodes = SC.make_netns_nodes(2, "llmp", subnet=203)
     hosts = None
     try:
-        hosts = SC.start_sshd(nodes, tmp_path_factory.mktemp("ssh"))
+        try:
+            hosts = SC.start_sshd(nodes, tmp_path_factory.mktemp("ssh"))
+        except (RuntimeError, subprocess.CalledProcessError) as e:  # the machine's sshd, not llmscale
+            pytest.skip(f"could not start sshd on the namespace hosts: {e}")
         yield hosts
     finally:
         if hosts is not None:
