@@ -206,11 +206,16 @@ def test_dead_node_ends_the_job_in_bounded_time_and_the_requeued_job_resumes(clu
 # --------------------------------------------------------------------------- no SLURM: torchrun on two hosts
 
 
-@pytest.fixture(scope="module")
-def netns_hosts():
+def _skip_without_netns() -> None:
+    """Skip unless namespace hosts can be built here (root, iproute2, nsenter); SLURM itself is not needed."""
     reason = SC.missing_reason(netns=True) if os.geteuid() == 0 else "needs root (network namespaces)"
     if reason and ("network namespaces" in reason or "root" in reason or "nsenter" in reason):
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def netns_hosts():
+    _skip_without_netns()
     nodes = SC.make_netns_nodes(2, "llmt", subnet=202)
     try:
         yield nodes
@@ -275,11 +280,7 @@ def ssh_hosts(tmp_path_factory):
     """Two namespace hosts, each with its own sshd (passwordless root ssh with a key made here)."""
     import shutil
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, sshd)")
-    reason = SC.missing_reason(netns=True)
-    if reason and ("network namespaces" in reason or "nsenter" in reason):
-        pytest.skip(reason)
+    _skip_without_netns()
     missing = [b for b in SC.SSH_BINARIES if shutil.which(b) is None]
     if missing:
         pytest.skip(f"DeepSpeed's multi-node launcher needs {', '.join(missing)} "
